@@ -1,0 +1,33 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both create .venv with a Python 3.12
+# found on this machine and install the package (and its dev extra) into it first.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: install test test-gpu demo env clean
+
+$(VENV)/.installed: setup.py
+	@py312=$$(bash tools/find_python312.sh) || exit 1; \
+	  [ -x $(PY) ] || { echo "creating $(VENV) with $$py312"; $$py312 -m venv $(VENV); }
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e ".[dev]"
+	@touch $@
+
+install: $(VENV)/.installed
+
+test: install
+	$(PY) -m pytest $(PYTEST_ARGS)
+
+test-gpu: install
+	$(PY) -m pytest -m gpu --run-gpu $(PYTEST_ARGS)
+
+demo: install
+	$(VENV)/bin/solopo demo $(DEMO_ARGS)
+
+env: install
+	$(VENV)/bin/solopo env
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

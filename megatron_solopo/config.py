@@ -1,0 +1,194 @@
+"""Experiment configuration: typed section dataclasses, YAML files and dotted command-line overrides.
+
+Each room owns its section dataclass (``parallel.ParallelConfig``, ``model.ModelConfig``, ...); this
+module only composes them and converts between YAML/dicts and dataclasses. Unknown keys are errors that
+name the key and list the valid ones, so a typo never becomes a silently ignored knob.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+import types
+import typing
+from typing import Any, Mapping
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value or key is wrong; the message names it and says how to fix it."""
+
+
+def _field_types(cls: type) -> dict[str, Any]:
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _strip_optional(tp: Any) -> tuple[Any, bool]:
+    args = typing.get_args(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType) and type(None) in args:
+        rest = [a for a in args if a is not type(None)]
+        return (rest[0] if len(rest) == 1 else typing.Union[tuple(rest)]), True
+    return tp, False
+
+
+def _coerce(value: Any, tp: Any, where: str) -> Any:
+    """Converts a YAML/CLI value to the annotated type (dataclass, list, tuple, int, float...)."""
+    tp, optional = _strip_optional(tp)
+    if value is None:
+        if optional or tp is Any:
+            return None
+        raise ConfigError(f"{where}: null is not allowed here (expected {getattr(tp, '__name__', tp)})")
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            return value
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping for section {tp.__name__}, got {value!r}")
+        return from_dict(tp, value, where)
+    origin = typing.get_origin(tp)
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        args = typing.get_args(tp)
+        item_tp = args[0] if args else Any
+        items = [_coerce(v, item_tp, f"{where}[{i}]") for i, v in enumerate(value)]
+        return items if origin is list else tuple(items)
+    if origin is dict or tp is dict:
+        if not isinstance(value, Mapping):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return dict(value)
+    if typing.get_origin(tp) is typing.Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(f"{where}: {value!r} is not one of {typing.get_args(tp)}")
+        return value
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            if isinstance(value, float) and value.is_integer():
+                return int(value)
+            raise ConfigError(f"{where}: expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{where}: expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{where}: expected a string, got {value!r}")
+        return value
+    return value
+
+
+def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
+    """Builds dataclass `cls` from a mapping; unknown keys raise ConfigError naming the valid ones."""
+    types_by_name = _field_types(cls)
+    unknown = sorted(set(data) - set(types_by_name))
+    prefix = f"{where}." if where else ""
+    if unknown:
+        raise ConfigError(f"unknown config key(s) {', '.join(prefix + k for k in unknown)}; "
+                          f"valid keys for {where or cls.__name__}: {', '.join(sorted(types_by_name))}")
+    kwargs = {name: _coerce(value, types_by_name[name], prefix + name) for name, value in data.items()}
+    try:
+        return cls(**kwargs)
+    except (TypeError, ValueError) as err:
+        if isinstance(err, ConfigError):
+            raise
+        raise ConfigError(f"{where or cls.__name__}: {err}") from err
+
+
+def to_dict(config: Any) -> dict[str, Any]:
+    """Plain-dict (YAML-ready) form of a config dataclass."""
+    return dataclasses.asdict(config)
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.lr=1e-6` -> (["train", "lr"], 1e-6); the value is parsed as YAML (numbers, bools, lists)."""
+    if "=" not in text:
+        raise ConfigError(f"override {text!r} must look like section.key=value (e.g. train.lr=1e-6)")
+    key, raw = text.split("=", 1)
+    path = [p for p in key.strip().split(".") if p]
+    if not path:
+        raise ConfigError(f"override {text!r} has an empty key")
+    value = yaml.safe_load(raw) if raw.strip() else ""
+    # YAML reads 1e-6 as a string (no dot before the exponent); numbers are what people mean
+    if isinstance(value, str):
+        try:
+            value = float(value) if any(c in value.lower() for c in ".e") else int(value)
+        except ValueError:
+            pass
+    return path, value
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
+    """Applies dotted overrides to a nested dict (in place) and returns it."""
+    for text in overrides:
+        path, value = parse_override(text)
+        node = data
+        for part in path[:-1]:
+            child = node.setdefault(part, {})
+            if not isinstance(child, dict):
+                raise ConfigError(f"override {text!r}: {part!r} is a value, not a section")
+            node = child
+        node[path[-1]] = value
+    return data
+
+
+def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
+    """Reads a YAML config file into a dict, with a clear error for a missing or malformed file."""
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as err:
+        raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping of sections at top level")
+    return data
+
+
+def load_section(cls: type, source: str | pathlib.Path | Mapping[str, Any] | None,
+                 overrides: list[str] | None = None, where: str = "") -> Any:
+    """Builds any config dataclass from a YAML path or dict plus dotted overrides."""
+    data = dict(load_yaml(source)) if isinstance(source, (str, pathlib.Path)) else dict(source or {})
+    return from_dict(cls, apply_overrides(data, list(overrides or [])), where)
+
+
+def _sections() -> dict[str, type]:
+    # imported lazily: config.py sits above the rooms and must not slow down `import megatron_solopo`
+    from megatron_solopo.data.config import DataConfig
+    from megatron_solopo.eval.config import EvalConfig
+    from megatron_solopo.model.config import ModelConfig
+    from megatron_solopo.objectives import ObjectiveConfig
+    from megatron_solopo.parallel.config import ParallelConfig
+    from megatron_solopo.training.config import TrainConfig
+    return {"model": ModelConfig, "parallel": ParallelConfig, "objective": ObjectiveConfig,
+            "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
+
+
+def experiment_config_class() -> type:
+    """The top-level config dataclass, one field per room section."""
+    global _EXPERIMENT_CLASS
+    if _EXPERIMENT_CLASS is None:
+        fields = [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in _sections().items()]
+        _EXPERIMENT_CLASS = dataclasses.make_dataclass("ExperimentConfig", fields)
+        _EXPERIMENT_CLASS.__doc__ = "A whole experiment: model, parallel layout, objective, data, train, eval."
+    return _EXPERIMENT_CLASS
+
+
+_EXPERIMENT_CLASS: type | None = None
+
+
+def load_config(source: str | pathlib.Path | Mapping[str, Any] | None = None,
+                overrides: list[str] | None = None) -> Any:
+    """Loads an ExperimentConfig from a YAML file (or dict) and dotted overrides like `train.lr=1e-6`."""
+    return load_section(experiment_config_class(), source, overrides)
+
+
+def save_config(config: Any, path: str | pathlib.Path) -> None:
+    """Writes a config dataclass as YAML (the run directory keeps the exact config it ran with)."""
+    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")

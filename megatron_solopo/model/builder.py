@@ -1,0 +1,145 @@
+"""The one place that turns a preset + parallel layout into Megatron-Core GPTModel chunks.
+
+GPTModel is deprecated in Megatron-Core 0.19 in favour of HybridModel (TE-only stack spec); dense
+Llama/Qwen still build as GPTModel in Megatron-Bridge and NeMo-RL. Keeping construction here makes
+the switch a local change.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+
+from megatron_solopo.model.backends import resolve_attention_backend
+from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.presets import ModelPreset
+from megatron_solopo.parallel.config import ParallelConfig
+
+_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def _silence_gpt_deprecation() -> None:
+    # GPTModel logs a deprecation warning per construction; one line in the docs says why we keep it
+    logging.getLogger("megatron.core.models.gpt.gpt_model").setLevel(logging.ERROR)
+
+
+def transformer_config(preset: ModelPreset, parallel: ParallelConfig, model: ModelConfig,
+                       backend: str):
+    """Megatron TransformerConfig for a Llama-style block (RMSNorm, SwiGLU, RoPE, GQA, no biases)."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = _DTYPES[model.params_dtype]
+    recompute = {}
+    if model.recompute == "selective":
+        recompute = dict(recompute_granularity="selective", recompute_modules=["core_attn"])
+    elif model.recompute == "full":
+        recompute = dict(recompute_granularity="full", recompute_method="uniform",
+                         recompute_num_layers=model.recompute_num_layers)
+    fp8 = {}
+    if model.fp8 is not None:
+        fp8 = dict(fp8=model.fp8, fp8_recipe=model.fp8_recipe)
+    return TransformerConfig(
+        num_layers=preset.num_layers,
+        hidden_size=preset.hidden_size,
+        ffn_hidden_size=preset.ffn_hidden_size,
+        num_attention_heads=preset.num_attention_heads,
+        num_query_groups=preset.num_query_groups,
+        kv_channels=preset.head_dim,
+        normalization="RMSNorm",
+        layernorm_epsilon=preset.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=preset.qkv_bias,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp,
+        context_parallel_size=parallel.cp,
+        cp_comm_type=parallel.cp_comm_type,
+        sequence_parallel=parallel.sequence_parallel,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        bf16=dtype is torch.bfloat16,
+        fp16=dtype is torch.float16,
+        # the same master weights are drawn on every layout and then split: TP/PP-invariant init
+        use_cpu_initialization=True,
+        init_method_std=0.02,
+        variable_seq_lengths=True,
+        moe_token_dispatcher_type="alltoall",  # dense model; the default allgather rejects variable lengths
+        # fused kernels need apex / TE / CUDA; the TE spec brings its own fusions
+        bias_activation_fusion=False,
+        bias_dropout_fusion=False,
+        masked_softmax_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        attention_softmax_in_fp32=True,
+        **recompute,
+        **fp8,
+    )
+
+
+def layer_spec(backend: str):
+    """Transformer layer spec: TE (fused, FP8, CP via TE), sdpa (our core attention) or local."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+
+    if backend == "te":
+        return get_gpt_layer_with_transformer_engine_spec()
+    spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    if backend == "sdpa":
+        from megatron_solopo.model.attention import SDPACoreAttention
+
+        spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
+    return spec
+
+
+def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
+                    model: ModelConfig | None = None, vp_stage: int | None = None):
+    """One GPTModel chunk for this rank (Megatron's parallel state must be initialized).
+
+    With pipeline parallelism the chunk holds this stage's layers; `vp_stage` selects the virtual
+    stage of an interleaved pipeline.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    parallel = parallel or ParallelConfig()
+    model = model or ModelConfig(preset=preset.name)
+    parallel.check_model(preset.num_layers, preset.num_attention_heads, preset.num_query_groups,
+                         preset.vocab_size)
+    backend = resolve_attention_backend(model.attention_backend)
+    config = transformer_config(preset, parallel, model, backend)
+    _silence_gpt_deprecation()
+    gpt = GPTModel(
+        config=config,
+        transformer_layer_spec=layer_spec(backend),
+        vocab_size=preset.vocab_size,
+        max_sequence_length=preset.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        share_embeddings_and_output_weights=preset.tie_embeddings,
+        position_embedding_type="rope",
+        rotary_base=int(preset.rotary_base),
+        rope_scaling=preset.rope_scaling_factor is not None,
+        rope_scaling_factor=preset.rope_scaling_factor or 8.0,
+        parallel_output=True,
+        vp_stage=vp_stage,
+    )
+    gpt.attention_backend_name = backend
+    return gpt
+
+
+def build_model_chunks(preset: ModelPreset, parallel: ParallelConfig | None = None,
+                       model: ModelConfig | None = None) -> list:
+    """All model chunks this rank holds: one, or `virtual_pp` for an interleaved pipeline."""
+    parallel = parallel or ParallelConfig()
+    stages = parallel.virtual_pp or 1
+    return [build_gpt_model(preset, parallel, model, vp_stage=(i if parallel.virtual_pp else None))
+            for i in range(stages)]

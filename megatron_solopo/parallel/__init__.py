@@ -1,0 +1,15 @@
+"""Parallel layout, process groups, context-parallel sharding and the CPU shim for Megatron-Core."""
+
+from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.distributed import (
+    destroy_parallel,
+    initialize_parallel,
+    init_process_group,
+    read_launch_env,
+)
+from megatron_solopo.parallel.shim import install_cpu_shim, shim_active
+
+__all__ = [
+    "ParallelConfig", "initialize_parallel", "destroy_parallel", "init_process_group", "read_launch_env",
+    "install_cpu_shim", "shim_active",
+]

@@ -1,0 +1,115 @@
+"""Process-group setup: torch.distributed (nccl on GPU, gloo on CPU) and Megatron's parallel state."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import socket
+import subprocess
+
+import torch
+import torch.distributed as dist
+
+from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.shim import install_cpu_shim
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchEnv:
+    """Where this process sits in the job, read from torchrun or SLURM variables."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    master_addr: str
+    master_port: int
+
+
+def _slurm_master_addr() -> str:
+    nodelist = os.environ.get("SLURM_JOB_NODELIST") or os.environ.get("SLURM_NODELIST")
+    if not nodelist:
+        return "127.0.0.1"
+    try:
+        hosts = subprocess.run(["scontrol", "show", "hostnames", nodelist], check=True,
+                               capture_output=True, text=True).stdout.split()
+        return hosts[0]
+    except (OSError, subprocess.CalledProcessError, IndexError):
+        return nodelist.split(",")[0].split("[")[0]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
+    """Rank/world/master from torchrun (RANK, WORLD_SIZE, ...), else SLURM (srun), else one process."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env and "WORLD_SIZE" in env:
+        return LaunchEnv(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
+                         env.get("MASTER_ADDR", "127.0.0.1"), int(env.get("MASTER_PORT", 29500)))
+    if "SLURM_PROCID" in env and int(env.get("SLURM_NTASKS", "1")) > 1:
+        return LaunchEnv(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         env.get("MASTER_ADDR") or _slurm_master_addr(), int(env.get("MASTER_PORT", 29500)))
+    return LaunchEnv(0, 1, 0, "127.0.0.1", _free_port())
+
+
+def default_backend() -> str:
+    """nccl when CUDA is usable, gloo otherwise (the CPU path)."""
+    return "nccl" if torch.cuda.is_available() else "gloo"
+
+
+def init_process_group(launch: LaunchEnv | None = None, backend: str | None = None,
+                       timeout_minutes: int = 30) -> LaunchEnv:
+    """Initializes torch.distributed once (no-op when it is already up); returns this process's place."""
+    if dist.is_initialized():
+        return LaunchEnv(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)),
+                         os.environ.get("MASTER_ADDR", ""), int(os.environ.get("MASTER_PORT", 0)))
+    launch = launch or read_launch_env()
+    backend = backend or default_backend()
+    if backend == "nccl":
+        torch.cuda.set_device(launch.local_rank % torch.cuda.device_count())
+    else:
+        install_cpu_shim()
+    dist.init_process_group(backend=backend, init_method=f"tcp://{launch.master_addr}:{launch.master_port}",
+                            rank=launch.rank, world_size=launch.world_size,
+                            timeout=datetime.timedelta(minutes=timeout_minutes))
+    return launch
+
+
+def initialize_parallel(parallel: ParallelConfig | None = None, seed: int = 1234,
+                        launch: LaunchEnv | None = None, backend: str | None = None) -> ParallelConfig:
+    """Brings up torch.distributed and Megatron's TP/PP/CP/DP groups for `parallel`, seeds the RNGs.
+
+    Re-initializes Megatron's groups when they exist with another layout. Returns the config.
+    """
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
+
+    parallel = parallel or ParallelConfig()
+    launch = init_process_group(launch, backend)
+    parallel.dp_size(dist.get_world_size())  # raises with the sizes when they do not divide the world
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=parallel.tp,
+        pipeline_model_parallel_size=parallel.pp,
+        virtual_pipeline_model_parallel_size=parallel.virtual_pp,
+        context_parallel_size=parallel.cp,
+        create_gloo_process_groups=dist.get_backend() != "gloo",
+    )
+    torch.manual_seed(seed)
+    model_parallel_cuda_manual_seed(seed)
+    return parallel
+
+
+def destroy_parallel() -> None:
+    """Tears down Megatron's groups and torch.distributed (tests, and the end of a run)."""
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()

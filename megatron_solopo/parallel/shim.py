@@ -1,0 +1,135 @@
+"""The one documented compatibility shim that lets Megatron-Core run on CPU with gloo.
+
+Megatron-Core 0.19 assumes CUDA in a few kinds of places (../shared/MEGATRON_NOTES.md):
+`torch.cuda.current_device()` used as a device, literal `device="cuda"` allocations and `.cuda()`
+calls (schedules, DDP buffers, optimizer, timers, rotary embeddings), the CUDA RNG get/set/seed used
+by its RNG tracker, and CUDA streams/events/synchronize in DDP and checkpointing. On a machine without
+CUDA, `install_cpu_shim()` redirects exactly these to the CPU:
+
+1. a `TorchFunctionMode` that rewrites any CUDA device ('cuda', 'cuda:N', an int index) given to a
+   torch factory function, `Tensor.to` or `Tensor.cuda` into 'cpu';
+2. `torch.cuda.current_device` returns 0 (an index that rule 1 then maps to the CPU);
+3. the CUDA RNG functions act on the CPU default generator (so Megatron's RNG tracker forks the
+   generator that CPU dropout and initialization actually use);
+4. streams, events, synchronize and memory statistics become no-ops.
+
+The same Megatron code paths that run on GPU therefore run in the CPU tests. When CUDA is available
+the shim does nothing at all. It is idempotent and process-wide (call it before building models).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+
+import torch
+from torch.overrides import TorchFunctionMode
+
+_installed = False
+_lock = threading.Lock()
+
+
+def _is_cuda_device(device) -> bool:
+    if isinstance(device, torch.device):
+        return device.type == "cuda"
+    if isinstance(device, str):
+        return device.startswith("cuda")
+    return isinstance(device, int) and not isinstance(device, bool)
+
+
+class _CudaToCpuMode(TorchFunctionMode):
+    """Rewrites CUDA device arguments to the CPU for every torch function call."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if _is_cuda_device(kwargs.get("device")):
+            kwargs["device"] = "cpu"
+        if func is torch.Tensor.cuda:
+            return args[0]
+        if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
+            args = (args[0], "cpu", *args[2:])
+        return func(*args, **kwargs)
+
+
+class _NullStream:
+    """Stands in for torch.cuda.Stream / Event on the CPU: every operation is already synchronous."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __getattr__(self, name):
+        return lambda *args, **kwargs: None
+
+    def query(self) -> bool:
+        return True
+
+    def elapsed_time(self, other) -> float:
+        return 0.0
+
+    def record_event(self, event=None):
+        return event or _NullStream()
+
+
+def _cpu_rng_functions():
+    def get_rng_state(device="cuda"):
+        return torch.get_rng_state()
+
+    def set_rng_state(new_state, device="cuda"):
+        torch.set_rng_state(new_state)
+
+    def manual_seed(seed):
+        # torch.manual_seed itself calls torch.cuda.manual_seed_all: seed the CPU generator directly
+        torch.default_generator.manual_seed(int(seed))
+
+    return get_rng_state, set_rng_state, manual_seed
+
+
+def _patch_torch_cuda() -> None:
+    cuda = torch.cuda
+    get_state, set_state, seed = _cpu_rng_functions()
+    cuda.current_device = lambda: 0
+    cuda.get_rng_state = get_state
+    cuda.set_rng_state = set_state
+    cuda.manual_seed = seed
+    cuda.manual_seed_all = lambda seed: None  # torch.manual_seed already seeded the CPU
+    cuda.synchronize = lambda device=None: None
+    cuda.current_stream = lambda device=None: _NullStream()
+    cuda.default_stream = lambda device=None: _NullStream()
+    cuda.stream = lambda stream=None: contextlib.nullcontext()
+    cuda.Stream = _NullStream
+    cuda.Event = _NullStream
+    cuda.empty_cache = lambda: None
+    cuda.memory_allocated = lambda device=None: 0
+    cuda.max_memory_allocated = lambda device=None: 0
+    cuda.memory_reserved = lambda device=None: 0
+    cuda.reset_peak_memory_stats = lambda device=None: None
+    cuda.set_device = lambda device: None
+
+
+def _patch_megatron_rng() -> None:
+    # Megatron's tracker reads/writes the CUDA generator directly (not through torch.cuda.*)
+    from megatron.core.tensor_parallel import random as mrandom
+
+    mrandom._get_cuda_rng_state = lambda device="cuda", clone=False, graph_safe=False: (
+        torch.get_rng_state().clone() if clone else torch.get_rng_state())
+    mrandom._set_cuda_rng_state = lambda new_state, device=-1, graph_safe=False: torch.set_rng_state(new_state)
+
+
+def shim_active() -> bool:
+    """True when this process runs Megatron-Core on the CPU through the shim."""
+    return _installed
+
+
+def install_cpu_shim() -> bool:
+    """Installs the CPU redirections when CUDA is absent; returns whether the shim is active."""
+    global _installed
+    if torch.cuda.is_available():
+        return False
+    with _lock:
+        if _installed:
+            return True
+        _patch_torch_cuda()
+        _patch_megatron_rng()
+        _CudaToCpuMode().__enter__()  # process-wide: never exited
+        _installed = True
+    return True
