@@ -1,0 +1,280 @@
+"""`ObjectiveConfig` (the `objective:` section of an experiment) and the one dispatcher from a config's
+mode to `preference_loss` / `solopo_loss` / `longpo_loss`.
+
+The trainer asks this module which sequences need a forward pass (`required_sequences`,
+`required_reference_sequences`), fills a mapping with their per-sequence statistics, and calls
+`objective_loss(config, batch_stats, reduction="sum")`. Sequence names are "short_chosen",
+"short_rejected", "long_chosen", "long_rejected"; the stats keys are "<sequence>_logps" (policy),
+"ref_<sequence>_logps" (frozen reference) and "chosen_tokens" / "rejected_tokens" (response token
+counts, identical for the short and long context because the response is the same).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+
+import torch
+
+from megatron_solopo.objectives.losses import (
+    LONGPO_OBJECTIVE,
+    NLL_WEIGHT,
+    RA_DISTANCES,
+    RA_ON,
+    SOLO_ALPHA,
+    longpo_loss,
+    objective_hparam_specs,
+    objectives_accepting,
+    preference_loss,
+    resolve_hparams,
+    solopo_loss,
+)
+from megatron_solopo.objectives.registry import get_objective
+
+__all__ = [
+    "ObjectiveConfig",
+    "MODES",
+    "SEQUENCES",
+    "required_sequences",
+    "required_reference_sequences",
+    "needs_reference",
+    "required_batch_keys",
+    "logps_key",
+    "objective_loss",
+]
+
+SHORT_CHOSEN, SHORT_REJECTED = "short_chosen", "short_rejected"
+LONG_CHOSEN, LONG_REJECTED = "long_chosen", "long_rejected"
+SEQUENCES = (SHORT_CHOSEN, SHORT_REJECTED, LONG_CHOSEN, LONG_REJECTED)
+TOKEN_KEYS = ("chosen_tokens", "rejected_tokens")
+
+MODES = {
+    "solo": "SoLoPO: base objective on (x_short; y_w, y_l) + alpha * SoLo-RA between x_short and x_long",
+    "short": "base objective on (x_short; y_w, y_l) only: the short-context PO term of SoLoPO, no long pass",
+    "long": "long-X baseline: base objective on (x_long; y_w, y_l), pairs sampled on x_long",
+    "expand_long": "expand-long baseline: base objective on (x_long; y_w, y_l), pairs sampled on x_short",
+    "longpo": "LongPO baseline: DPO, policy on x_long, reference on x_short, + nll_weight * NLL(y_w | x_long)",
+}
+_BASE_HPARAM_FIELDS = ("beta", "gamma", "lam", "label_smoothing")
+_SOLO_FIELDS = ("alpha", "ra_distance", "ra_on")
+
+
+@dataclass
+class ObjectiveConfig:
+    """Which preference objective to train with, in which mode, and its hyperparameters.
+
+    A hyperparameter left as None takes the objective's default (see `hparams()` for the effective
+    values). One that the chosen objective/mode does not use is an error, never silently ignored.
+    """
+
+    name: str = "orpo"
+    """Base objective: "dpo", "ipo", "simpo", "orpo" (or any registered one). Default orpo: the
+    paper's strongest SoLoPO variant on Qwen2.5-7B, and reference-free (no reference passes)."""
+    mode: str = "solo"
+    """How the objective is applied (which sequences are scored):
+    "solo" SoLoPO; "short" short-context PO only; "long" long-X (pairs sampled on x_long, trained on
+    x_long); "expand_long" (pairs sampled on x_short, trained on x_long, no SoLo-RA); "longpo" LongPO
+    (name must be "dpo"). long and expand_long share the loss: the data decides which pairs are fed."""
+    beta: float | None = None
+    """Inverse temperature of the reward: dpo/ipo default 0.1, simpo default 2.0 (not used by orpo)."""
+    gamma: float | None = None
+    """SimPO target margin (absolute), default 1.0. simpo only."""
+    lam: float | None = None
+    """ORPO weight of the odds-ratio term (the ORPO paper's lambda), default 0.1. orpo only."""
+    label_smoothing: float | None = None
+    """Conservative-DPO label flip probability in [0, 0.5), default 0.0. dpo, simpo and longpo only."""
+    sft_weight: float | None = None
+    """Weight of an extra length-averaged NLL of the (short) chosen response, default 0.0. Not in
+    longpo mode, which has its own nll_weight."""
+    alpha: float | None = None
+    """Weight of the SoLo-RA term, default 1.0 (paper, Qwen2.5-7B: 3 for DPO, 1 for SimPO/ORPO;
+    Llama3.1-8B ORPO: 4). solo mode only."""
+    ra_distance: str | None = None
+    """SoLo-RA distance s(d) on d = |r(x_short, y) - r(x_long, y)|: "abs" (default, s(d) = d) or
+    "squared" (s(d) = d^2). solo mode only."""
+    ra_on: str | None = None
+    """Responses aligned by SoLo-RA: "chosen" (default; the paper's chosen-only form) or "both"
+    (ablation; costs a fourth forward pass on (x_long, y_l)). solo mode only."""
+    nll_weight: float | None = None
+    """LongPO weight of the length-averaged NLL of y_w under x_long, default 0.01 (LongPO's
+    public training script). longpo mode only."""
+
+    def __post_init__(self) -> None:
+        where = "objective"
+        if self.mode not in MODES:
+            raise ValueError(f"{where}.mode={self.mode!r} is not one of {sorted(MODES)}")
+        objective = get_objective(self.name)
+        if self.mode == "longpo" and self.name != LONGPO_OBJECTIVE:
+            raise ValueError(
+                f"{where}.mode='longpo' is defined for DPO only (its reference model sees x_short); "
+                f"set objective.name='{LONGPO_OBJECTIVE}' or choose another mode"
+            )
+        for key in _BASE_HPARAM_FIELDS:
+            if getattr(self, key) is not None and key not in objective.hparams:
+                raise ValueError(
+                    f"{where}.{key}={getattr(self, key)!r} is not a hyperparameter of {self.name!r} "
+                    f"(it belongs to {objectives_accepting(key)}); {self.name!r} accepts "
+                    f"{sorted(objective.hparams)}. Remove it."
+                )
+        self._reject_unused("sft_weight", self.mode == "longpo", "longpo mode uses nll_weight instead")
+        for key in _SOLO_FIELDS:
+            self._reject_unused(key, self.mode != "solo", "it only applies to mode 'solo' (SoLoPO)")
+        self._reject_unused("nll_weight", self.mode != "longpo", "it only applies to mode 'longpo'")
+        self.hparams()  # checks every value's type and range
+
+    def _reject_unused(self, key: str, unused: bool, why: str) -> None:
+        if unused and getattr(self, key) is not None:
+            raise ValueError(
+                f"objective.{key}={getattr(self, key)!r} is not used with mode {self.mode!r}: {why}. Remove it."
+            )
+
+    def hparams(self) -> dict[str, object]:
+        """The effective keyword arguments for this mode's loss function (defaults filled in, checked)."""
+        where = f"objective (name={self.name!r}, mode={self.mode!r})"
+        given = {key: getattr(self, key) for key in _BASE_HPARAM_FIELDS if getattr(self, key) is not None}
+        if self.mode == "longpo":
+            resolved: dict[str, object] = dict(resolve_hparams(get_objective(LONGPO_OBJECTIVE).hparams, given, where))
+            resolved["nll_weight"] = NLL_WEIGHT.check(
+                "nll_weight", NLL_WEIGHT.default if self.nll_weight is None else self.nll_weight, where
+            )
+            return resolved
+        if self.sft_weight is not None:
+            given["sft_weight"] = self.sft_weight
+        resolved = dict(resolve_hparams(objective_hparam_specs(self.name), given, where))
+        if self.mode == "solo":
+            alpha = SOLO_ALPHA.default if self.alpha is None else self.alpha
+            resolved["alpha"] = SOLO_ALPHA.check("alpha", alpha, where)
+            resolved["ra_distance"] = _choice(self.ra_distance, RA_DISTANCES, "ra_distance")
+            resolved["ra_on"] = _choice(self.ra_on, RA_ON, "ra_on")
+        return resolved
+
+
+def _choice(value: str | None, choices: tuple[str, ...], key: str) -> str:
+    """None -> the first (default) choice; anything outside `choices` is an error."""
+    if value is None:
+        return choices[0]
+    if value not in choices:
+        raise ValueError(f"objective.{key}={value!r} is not one of {list(choices)}")
+    return value
+
+
+# ----------------------------------------------------------------------------------- sequences
+def required_sequences(config: ObjectiveConfig) -> frozenset[str]:
+    """Sequences the policy must run a forward (and backward) pass on, per preference pair."""
+    if config.mode == "solo":
+        both = config.hparams()["ra_on"] == "both"
+        return frozenset({SHORT_CHOSEN, SHORT_REJECTED, LONG_CHOSEN} | ({LONG_REJECTED} if both else set()))
+    if config.mode == "short":
+        return frozenset({SHORT_CHOSEN, SHORT_REJECTED})
+    return frozenset({LONG_CHOSEN, LONG_REJECTED})  # long, expand_long, longpo
+
+
+def required_reference_sequences(config: ObjectiveConfig) -> frozenset[str]:
+    """Sequences the frozen reference model must score (empty for reference-free objectives)."""
+    if config.mode == "longpo":
+        return frozenset({SHORT_CHOSEN, SHORT_REJECTED})  # LongPO's short-to-long reference
+    if not get_objective(config.name).needs_reference:
+        return frozenset()
+    return required_sequences(config)
+
+
+def needs_reference(config: ObjectiveConfig) -> bool:
+    """True if a reference model (or precomputed reference log-probs) is needed."""
+    return bool(required_reference_sequences(config))
+
+
+def logps_key(sequence: str, reference: bool = False) -> str:
+    """The batch_stats key of a sequence's log-prob sums, e.g. "ref_long_chosen_logps"."""
+    if sequence not in SEQUENCES:
+        raise ValueError(f"unknown sequence {sequence!r}; sequences are {list(SEQUENCES)}")
+    return f"ref_{sequence}_logps" if reference else f"{sequence}_logps"
+
+
+def required_batch_keys(config: ObjectiveConfig) -> frozenset[str]:
+    """Every key `objective_loss` reads from batch_stats for this config."""
+    policy = {logps_key(seq) for seq in required_sequences(config)}
+    reference = {logps_key(seq, reference=True) for seq in required_reference_sequences(config)}
+    return frozenset(policy | reference | set(TOKEN_KEYS))
+
+
+# ---------------------------------------------------------------------------------- dispatcher
+LossResult = tuple[torch.Tensor, dict[str, object]]
+
+
+def _solo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
+    return solopo_loss(
+        config.name,
+        stats["short_chosen_logps"],
+        stats["short_rejected_logps"],
+        stats["long_chosen_logps"],
+        stats["chosen_tokens"],
+        stats["rejected_tokens"],
+        ref_short_chosen_logps=stats.get("ref_short_chosen_logps"),
+        ref_short_rejected_logps=stats.get("ref_short_rejected_logps"),
+        ref_long_chosen_logps=stats.get("ref_long_chosen_logps"),
+        long_rejected_logps=stats.get("long_rejected_logps"),
+        ref_long_rejected_logps=stats.get("ref_long_rejected_logps"),
+        reduction=reduction,
+        **config.hparams(),
+    )
+
+
+def _one_context(context: str) -> Callable[[ObjectiveConfig, Mapping[str, torch.Tensor], str], LossResult]:
+    def loss(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
+        return preference_loss(
+            config.name,
+            stats[f"{context}_chosen_logps"],
+            stats[f"{context}_rejected_logps"],
+            stats["chosen_tokens"],
+            stats["rejected_tokens"],
+            ref_chosen_logps=stats.get(f"ref_{context}_chosen_logps"),
+            ref_rejected_logps=stats.get(f"ref_{context}_rejected_logps"),
+            reduction=reduction,
+            **config.hparams(),
+        )
+
+    return loss
+
+
+def _longpo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
+    return longpo_loss(
+        stats["long_chosen_logps"],
+        stats["long_rejected_logps"],
+        stats["chosen_tokens"],
+        stats["rejected_tokens"],
+        stats["ref_short_chosen_logps"],
+        stats["ref_short_rejected_logps"],
+        reduction=reduction,
+        **config.hparams(),
+    )
+
+
+_MODE_LOSSES: dict[str, Callable[[ObjectiveConfig, Mapping[str, torch.Tensor], str], LossResult]] = {
+    "solo": _solo,
+    "short": _one_context("short"),
+    "long": _one_context("long"),
+    "expand_long": _one_context("long"),
+    "longpo": _longpo,
+}
+
+
+def objective_loss(
+    config: ObjectiveConfig, batch_stats: Mapping[str, torch.Tensor], reduction: str = "sum"
+) -> LossResult:
+    """Loss and metrics of `config` on one micro-batch of per-sequence statistics.
+
+    batch_stats must hold exactly the log-prob keys of `required_batch_keys(config)` (a missing one
+    is an error; an extra "*_logps" key is too, since it means a wasted forward pass or the wrong
+    mode) and "chosen_tokens" / "rejected_tokens". Other keys are not read. reduction="sum" (default)
+    returns the batch sum for normalisation by a global pair count; see `preference_loss`.
+    """
+    required = required_batch_keys(config)
+    missing = sorted(required - set(batch_stats))
+    unexpected = sorted(key for key in batch_stats if key.endswith("_logps") and key not in required)
+    if missing or unexpected:
+        raise ValueError(
+            f"objective_loss(name={config.name!r}, mode={config.mode!r}): batch_stats is missing {missing} "
+            f"and has unused {unexpected}; this objective needs exactly {sorted(required)} "
+            f"(see required_sequences / required_reference_sequences)"
+        )
+    return _MODE_LOSSES[config.mode](config, batch_stats, reduction)
