@@ -133,6 +133,8 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
         vp_stage=vp_stage,
     )
     gpt.attention_backend_name = backend
+    if torch.cuda.is_available():  # weights are initialized on the CPU (use_cpu_initialization)
+        gpt.cuda(torch.cuda.current_device())
     return gpt
 
 

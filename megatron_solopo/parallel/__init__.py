@@ -1,6 +1,14 @@
 """Parallel layout, process groups, context-parallel sharding and the CPU shim for Megatron-Core."""
 
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.cp import (
+    cp_all_reduce_sum,
+    cp_gather,
+    cp_shard,
+    cp_shard_thd,
+    cp_unshard,
+    cp_unshard_thd,
+)
 from megatron_solopo.parallel.distributed import (
     destroy_parallel,
     initialize_parallel,
@@ -12,4 +20,5 @@ from megatron_solopo.parallel.shim import install_cpu_shim, shim_active
 __all__ = [
     "ParallelConfig", "initialize_parallel", "destroy_parallel", "init_process_group", "read_launch_env",
     "install_cpu_shim", "shim_active",
+    "cp_shard", "cp_unshard", "cp_shard_thd", "cp_unshard_thd", "cp_gather", "cp_all_reduce_sum",
 ]

@@ -24,8 +24,8 @@ class ParallelConfig:
     sequence_parallel: bool = False
     """Megatron sequence parallelism (needs tp > 1 and the Transformer Engine spec)."""
     cp_comm_type: str = "p2p"
-    """How K/V move under CP with Transformer Engine: p2p | all_gather | a2a | a2a+p2p. The SDPA ring
-    attention always uses p2p."""
+    """How K/V move under CP with Transformer Engine: p2p | all_gather | a2a | a2a+p2p. The sdpa
+    backend's ring attention implements p2p only (anything else is an error at model build)."""
     virtual_pp: int | None = None
     """Interleaved pipeline: model chunks per pipeline stage (None = not interleaved)."""
 

@@ -7,11 +7,18 @@ by its RNG tracker, and CUDA streams/events/synchronize in DDP and checkpointing
 CUDA, `install_cpu_shim()` redirects exactly these to the CPU:
 
 1. a `TorchFunctionMode` that rewrites any CUDA device ('cuda', 'cuda:N', an int index) given to a
-   torch factory function, `Tensor.to` or `Tensor.cuda` into 'cpu';
+   torch factory function, `Tensor.to` or `Tensor.cuda` into 'cpu', and drops `pin_memory=True` /
+   `Tensor.pin_memory()` (pinned host memory needs a driver; e.g. RoPE's CP index in rope_utils.py);
 2. `torch.cuda.current_device` returns 0 (an index that rule 1 then maps to the CPU);
 3. the CUDA RNG functions act on the CPU default generator (so Megatron's RNG tracker forks the
    generator that CPU dropout and initialization actually use);
-4. streams, events, synchronize and memory statistics become no-ops.
+4. streams, events, synchronize and memory statistics become no-ops;
+5. backward passes run with the mode of rule 1 active (torch.autograd's engine entry point is wrapped:
+   a mode's handler runs `Tensor.backward` with the mode popped, which would leave Megatron's backward
+   code, e.g. sequence-parallel buffers, allocating on 'cuda');
+6. `Tensor.type()` reports a CPU float tensor as 'torch.cuda.FloatTensor' (Megatron's grad clipping
+   asserts that string, its optimizers select fp32 params by it), and `Tensor.type('torch.cuda.X')`
+   converts to the CPU type X.
 
 The same Megatron code paths that run on GPU therefore run in the CPU tests. When CUDA is available
 the shim does nothing at all. It is idempotent and process-wide (call it before building models).
@@ -37,6 +44,21 @@ def _is_cuda_device(device) -> bool:
     return isinstance(device, int) and not isinstance(device, bool)
 
 
+def _tensor_type(tensor: torch.Tensor, dtype=None, *args, **kwargs):
+    """`Tensor.type()` as Megatron expects it on a GPU: the legacy type name of a CUDA tensor.
+
+    Megatron asserts `param.grad.type() == 'torch.cuda.FloatTensor'` (grad clipping) and selects
+    fp32 params by the same string (Float16/distributed optimizers). Without an argument this returns
+    the CUDA name of the CPU tensor's type; a CUDA type name as the argument converts on the CPU.
+    """
+    if dtype is None and not args and not kwargs:
+        name = torch.Tensor.type(tensor)
+        return name if tensor.device.type != "cpu" or ".cuda." in name else name.replace("torch.", "torch.cuda.", 1)
+    if isinstance(dtype, str) and dtype.startswith("torch.cuda."):
+        dtype = dtype.replace("torch.cuda.", "torch.", 1)
+    return torch.Tensor.type(tensor, dtype, *args, **kwargs)
+
+
 class _CudaToCpuMode(TorchFunctionMode):
     """Rewrites CUDA device arguments to the CPU for every torch function call."""
 
@@ -44,10 +66,14 @@ class _CudaToCpuMode(TorchFunctionMode):
         kwargs = dict(kwargs or {})
         if _is_cuda_device(kwargs.get("device")):
             kwargs["device"] = "cpu"
-        if func is torch.Tensor.cuda:
+        if kwargs.get("pin_memory"):  # page-locked host memory needs a CUDA driver
+            kwargs["pin_memory"] = False
+        if func is torch.Tensor.cuda or func is torch.Tensor.pin_memory:
             return args[0]
         if func is torch.Tensor.to and len(args) > 1 and _is_cuda_device(args[1]):
             args = (args[0], "cpu", *args[2:])
+        if func is torch.Tensor.type:  # (the mode is off inside this handler: no recursion)
+            return _tensor_type(*args, **kwargs)
         return func(*args, **kwargs)
 
 
@@ -68,6 +94,34 @@ class _NullStream:
 
     def record_event(self, event=None):
         return event or _NullStream()
+
+
+def _mode_active() -> bool:
+    from torch.overrides import _get_current_function_mode_stack
+
+    return any(isinstance(mode, _CudaToCpuMode) for mode in _get_current_function_mode_stack())
+
+
+def _patch_autograd_engine() -> None:
+    """Runs every backward pass with the redirection mode active.
+
+    `Tensor.backward` and `torch.autograd.backward/grad` are torch functions: when the mode is active
+    they are dispatched to its handler, which runs them with the mode popped (as every
+    TorchFunctionMode does), so Megatron's backward code (sequence-parallel reduce-scatter buffers,
+    recomputation) would allocate on 'cuda' again. torch.autograd calls the engine through the
+    module-level name `_engine_run_backward`; wrapping it re-enters the mode for the engine's run.
+    """
+    import torch.autograd as autograd
+
+    engine_run_backward = autograd._engine_run_backward
+
+    def run_backward_on_cpu(*args, **kwargs):
+        if _mode_active():
+            return engine_run_backward(*args, **kwargs)
+        with _CudaToCpuMode():
+            return engine_run_backward(*args, **kwargs)
+
+    autograd._engine_run_backward = run_backward_on_cpu
 
 
 def _cpu_rng_functions():
@@ -130,6 +184,7 @@ def install_cpu_shim() -> bool:
             return True
         _patch_torch_cuda()
         _patch_megatron_rng()
+        _patch_autograd_engine()
         _CudaToCpuMode().__enter__()  # process-wide: never exited
         _installed = True
     return True
