@@ -26,7 +26,7 @@ def _silence_gpt_deprecation() -> None:
 
 
 def transformer_config(preset: ModelPreset, parallel: ParallelConfig, model: ModelConfig,
-                       backend: str):
+                       backend: str, initialize_weights: bool = True):
     """Megatron TransformerConfig for a Llama-style block (RMSNorm, SwiGLU, RoPE, GQA, no biases)."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -67,6 +67,7 @@ def transformer_config(preset: ModelPreset, parallel: ParallelConfig, model: Mod
         fp16=dtype is torch.float16,
         # the same master weights are drawn on every layout and then split: TP/PP-invariant init
         use_cpu_initialization=True,
+        perform_initialization=initialize_weights,
         init_method_std=0.02,
         variable_seq_lengths=True,
         moe_token_dispatcher_type="alltoall",  # dense model; the default allgather rejects variable lengths
@@ -101,11 +102,14 @@ def layer_spec(backend: str):
 
 
 def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
-                    model: ModelConfig | None = None, vp_stage: int | None = None):
+                    model: ModelConfig | None = None, vp_stage: int | None = None,
+                    initialize_weights: bool = True):
     """One GPTModel chunk for this rank (Megatron's parallel state must be initialized).
 
     With pipeline parallelism the chunk holds this stage's layers; `vp_stage` selects the virtual
-    stage of an interleaved pipeline.
+    stage of an interleaved pipeline. `initialize_weights=False` skips random initialization (the
+    weights are garbage until loaded): for models whose weights come from a checkpoint, where the
+    random init of a 7B+ model on the CPU would cost minutes.
     """
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
@@ -115,7 +119,7 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
     parallel.check_model(preset.num_layers, preset.num_attention_heads, preset.num_query_groups,
                          preset.vocab_size)
     backend = resolve_attention_backend(model.attention_backend)
-    config = transformer_config(preset, parallel, model, backend)
+    config = transformer_config(preset, parallel, model, backend, initialize_weights)
     _silence_gpt_deprecation()
     gpt = GPTModel(
         config=config,
@@ -139,9 +143,10 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
 
 
 def build_model_chunks(preset: ModelPreset, parallel: ParallelConfig | None = None,
-                       model: ModelConfig | None = None) -> list:
+                       model: ModelConfig | None = None, initialize_weights: bool = True) -> list:
     """All model chunks this rank holds: one, or `virtual_pp` for an interleaved pipeline."""
     parallel = parallel or ParallelConfig()
     stages = parallel.virtual_pp or 1
-    return [build_gpt_model(preset, parallel, model, vp_stage=(i if parallel.virtual_pp else None))
+    return [build_gpt_model(preset, parallel, model, vp_stage=(i if parallel.virtual_pp else None),
+                            initialize_weights=initialize_weights)
             for i in range(stages)]

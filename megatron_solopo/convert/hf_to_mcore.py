@@ -1,0 +1,208 @@
+"""Hugging Face checkpoint -> Megatron-Core GPTModel (in memory) or distributed checkpoint (on disk).
+
+Each rank reads only its own shard of each tensor (its TP slice, its PP stage's layers) from the
+safetensors files, one tensor at a time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import time
+
+import torch
+
+from megatron_solopo.convert.hf_io import HFCheckpointReader, copy_hf_assets
+from megatron_solopo.convert.mappings import ArchitectureMapping, Geometry, OutputLayer, get_mapping, te_alias
+from megatron_solopo.convert.presets_from_hf import infer_preset_from_hf, read_hf_config
+from megatron_solopo.convert.runtime import barrier, check_on_rank0, ensure_parallel, is_rank0, parallel_session
+from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.presets import ModelPreset
+from megatron_solopo.parallel import ParallelConfig
+
+METADATA_NAME = "solopo_checkpoint.json"
+"""Written last into a converted checkpoint: the preset, dtype, source and layout (completion marker)."""
+ASSETS_DIR = "hf_assets"
+"""Sub-directory of a converted checkpoint with the source's config, tokenizer and generation config."""
+
+
+def check_hf_names(reader: HFCheckpointReader, mapping: ArchitectureMapping, preset: ModelPreset) -> None:
+    """Every tensor the preset needs is in the files and every file tensor is used; tied checkpoints
+    that still store lm_head must store the embedding there (else the config lies)."""
+    tied = preset.tie_embeddings
+    expected = mapping.expected_hf_names(preset.num_layers, tied)
+    present = {n for n in reader.names() if not n.endswith(mapping.ignored_hf_suffixes)}
+    output = next(m for m in mapping.global_mappings if isinstance(m, OutputLayer))
+    if tied and output.hf in present:
+        if not torch.equal(reader.read(output.hf), reader.read(output.tied_hf)):
+            raise ValueError(f"{reader.hf_dir}: config.json says tie_word_embeddings=true but {output.hf} "
+                             f"differs from {output.tied_hf}; fix tie_word_embeddings in config.json")
+        present.discard(output.hf)
+    if not tied and output.hf not in present:
+        raise ValueError(f"{reader.hf_dir}: config.json says tie_word_embeddings=false but the checkpoint has "
+                         f"no {output.hf}; set tie_word_embeddings=true if the output layer is the embedding")
+    missing, extra = sorted(expected - present), sorted(present - expected)
+    if missing or extra:
+        raise ValueError(f"{reader.hf_dir}: the {mapping.hf_architecture} table does not match the files: "
+                         f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
+                         f"{extra[:8]}{'...' if len(extra) > 8 else ''} (an unsupported bias or layer type?)")
+
+
+def _resolve_name(state: dict, mcore_name: str) -> str | None:
+    """The name under which this model holds `mcore_name` (local spec, or TE's fused norm), or None
+    when this chunk does not hold it (another pipeline stage does)."""
+    if mcore_name in state:
+        return mcore_name
+    alias = te_alias(mcore_name)
+    return alias if alias in state else None
+
+
+def layer_offset(model) -> int:
+    """Global index of this chunk's first transformer layer (0 without pipeline parallelism)."""
+    layers = model.decoder.layers
+    return layers[0].layer_number - 1 if len(layers) else 0
+
+
+def weight_state(model) -> dict[str, torch.Tensor]:
+    """Parameters and buffers by name, without Megatron's `_extra_state` entries."""
+    return {k: v for k, v in model.state_dict(keep_vars=True).items() if not k.endswith("_extra_state")}
+
+
+def load_hf_weights(model, reader: HFCheckpointReader, preset: ModelPreset, tp_rank: int | None = None,
+                    tp_size: int | None = None) -> None:
+    """Fills one GPTModel chunk (this rank's TP shard and PP stage) from a HF checkpoint.
+
+    `tp_rank` / `tp_size` default to Megatron's parallel state. Every weight of the chunk must be
+    filled; a tensor whose shape differs is an error.
+    """
+    if tp_rank is None or tp_size is None:
+        from megatron.core import parallel_state
+
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+    mapping, geom = get_mapping(preset.architecture), Geometry.of(preset)
+    state = weight_state(model)
+    filled = set()
+    for mcore_name, entry in mapping.instances(len(model.decoder.layers), layer_offset(model)):
+        name = _resolve_name(state, mcore_name)
+        if name is None:
+            continue
+        value = entry.to_mcore(reader, geom, tp_rank, tp_size, tied=preset.tie_embeddings)
+        target = state[name]
+        if tuple(value.shape) != tuple(target.shape):
+            raise ValueError(f"{name}: HF tensors {entry.hf_names(preset.tie_embeddings)} give shape "
+                             f"{tuple(value.shape)} on tp rank {tp_rank}, the model expects "
+                             f"{tuple(target.shape)}; does config.json match the weights?")
+        with torch.no_grad():
+            target.copy_(value)
+        filled.add(name)
+    unfilled = sorted(set(state) - filled)
+    if unfilled:
+        raise ValueError(f"the {mapping.hf_architecture} table has no HF source for {unfilled}; the model "
+                         "was built with a layout the table does not describe")
+
+
+def load_hf_into_mcore(hf_dir: str | os.PathLike, parallel_config: ParallelConfig | None = None,
+                       model_config: ModelConfig | None = None, preset: ModelPreset | None = None):
+    """A Megatron-Core GPTModel (this rank's chunk) holding the weights of a HF checkpoint.
+
+    With no process group yet, a single-process one is set up (gloo on CPU). The model is built by
+    `model.builder.build_gpt_model` on the CPU (call `.cuda()` to move it) and used as usual:
+    `model(input_ids, position_ids, attention_mask)` -> logits [b, s, vocab / tp].
+
+    Args:
+        hf_dir: Llama / Qwen2 / Mistral checkpoint directory (config.json + safetensors).
+        parallel_config: TP/PP/CP layout; `ParallelConfig()` = one process. Not interleaved
+            (for virtual pipeline stages build the chunks and call `load_hf_weights` on each).
+        model_config: precision and kernels; default `ModelConfig(hf_model=hf_dir)`.
+        preset: the architecture; default inferred from config.json (`infer_preset_from_hf`).
+    """
+    from megatron_solopo.model.builder import build_gpt_model
+
+    parallel = parallel_config or ParallelConfig()
+    if parallel.virtual_pp:
+        raise ValueError("load_hf_into_mcore builds one model chunk; with virtual_pp build the chunks with "
+                         "model.builder.build_model_chunks and call convert.load_hf_weights on each")
+    preset = preset or infer_preset_from_hf(hf_dir)
+    model_config = model_config or ModelConfig(hf_model=str(hf_dir))
+    ensure_parallel(parallel)
+    model = build_gpt_model(preset, parallel, model_config, initialize_weights=False)
+    with HFCheckpointReader(hf_dir) as reader:
+        check_hf_names(reader, get_mapping(preset.architecture), preset)
+        load_hf_weights(model, reader, preset)
+    return model
+
+
+def checkpoint_metadata(preset: ModelPreset, dtype: str, parallel: ParallelConfig, source: str,
+                        hf_config: dict | None) -> dict:
+    """The JSON written next to a converted (or trained) Megatron checkpoint."""
+    import megatron.core
+    import transformers
+
+    return {
+        "format": "megatron_solopo.mcore_checkpoint",
+        "format_version": 1,
+        "preset": dataclasses.asdict(preset),
+        "dtype": dtype,
+        "source": source,
+        "saved_with": {"tp": parallel.tp, "pp": parallel.pp},
+        "hf_config": hf_config,
+        "hf_assets_dir": ASSETS_DIR,
+        "versions": {"megatron_core": getattr(megatron.core, "__version__", "?"),
+                     "transformers": transformers.__version__, "torch": torch.__version__},
+    }
+
+
+def check_output_dir(out_dir: pathlib.Path) -> None:
+    """A conversion writes into a new or empty directory only (never mixes with old files)."""
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise FileExistsError(f"output directory {out_dir} is not empty; choose a new directory or remove it")
+
+
+def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                        parallel: ParallelConfig | None = None, dtype: str = "bf16",
+                        log=print) -> pathlib.Path:
+    """Writes a Megatron-Core distributed checkpoint of a HF model, plus its assets and metadata.
+
+    Layout of `out_dir`: the `dist_checkpointing` files (`.metadata`, `*.distcp`, `metadata.json`),
+    `hf_assets/` (config.json, tokenizer files, generation config, chat template, license) and
+    `solopo_checkpoint.json` (written last). The checkpoint loads at any TP/PP (dist_checkpointing
+    reshards), so converting at tp=pp=1 in one process is enough; `parallel` with tp/pp > 1 needs that
+    many processes (torchrun) and only splits the reading work.
+    """
+    hf_dir, out_dir = pathlib.Path(hf_dir), pathlib.Path(out_dir)
+    parallel = parallel or ParallelConfig()
+    preset = infer_preset_from_hf(hf_dir)  # config errors before the (slow) Megatron import
+
+    from megatron.core import dist_checkpointing
+
+    from megatron_solopo.model.builder import build_gpt_model
+
+    start = time.perf_counter()
+    with parallel_session(parallel, backend="gloo"):
+        rank0 = is_rank0()
+        check_on_rank0(lambda: check_output_dir(out_dir))
+        if rank0:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        barrier()
+        # the local spec has the same checkpoint keys as the TE spec and builds on any machine
+        model_config = ModelConfig(hf_model=str(hf_dir), attention_backend="local", params_dtype=dtype)
+        model = build_gpt_model(preset, parallel, model_config, initialize_weights=False)
+        with HFCheckpointReader(hf_dir) as reader:
+            check_hf_names(reader, get_mapping(preset.architecture), preset)
+            load_hf_weights(model, reader, preset)
+        if rank0:
+            log(f"loaded {hf_dir} into Megatron ({preset.num_parameters() / 1e6:.1f}M parameters, {dtype}) "
+                f"in {time.perf_counter() - start:.1f} s")
+        dist_checkpointing.save(model.sharded_state_dict(), str(out_dir))
+        barrier()
+        if rank0:
+            copy_hf_assets(hf_dir, out_dir / ASSETS_DIR)
+            meta = checkpoint_metadata(preset, dtype, parallel, str(hf_dir.resolve()), read_hf_config(hf_dir))
+            (out_dir / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+        barrier()
+    if rank0:
+        log(f"wrote the Megatron-Core checkpoint {out_dir} in {time.perf_counter() - start:.1f} s")
+    return out_dir

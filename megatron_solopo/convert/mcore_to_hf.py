@@ -1,0 +1,167 @@
+"""Megatron-Core distributed checkpoint -> Hugging Face safetensors checkpoint.
+
+The checkpoint is loaded at tp=pp=1 in one process (dist_checkpointing reshards from whatever layout
+it was saved with), then written tensor by tensor through the architecture's name table into
+safetensors shards, with config.json and the tokenizer / generation-config files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import time
+from collections.abc import Iterator
+
+import torch
+
+from megatron_solopo.convert.hf_io import HFShardWriter, copy_hf_assets, parse_size
+from megatron_solopo.convert.hf_to_mcore import (
+    ASSETS_DIR,
+    METADATA_NAME,
+    _resolve_name,
+    check_output_dir,
+    weight_state,
+)
+from megatron_solopo.convert.mappings import Geometry, get_mapping
+from megatron_solopo.convert.presets_from_hf import (
+    TORCH_DTYPE_NAMES,
+    UnsupportedHFConfig,
+    hf_config_from_preset,
+    infer_preset_from_hf,
+)
+from megatron_solopo.convert.runtime import barrier, check_on_rank0, is_rank0, parallel_session
+from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.presets import ModelPreset, get_preset
+from megatron_solopo.parallel import ParallelConfig
+
+_TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
+    """`solopo_checkpoint.json` of a converted checkpoint (FileNotFoundError with a hint if absent)."""
+    path = pathlib.Path(ckpt_dir) / METADATA_NAME
+    if not path.exists():
+        raise FileNotFoundError(f"{path} does not exist: {ckpt_dir} is not a complete checkpoint written by "
+                                "`solopo convert hf-to-mcore` (pass --preset for other Megatron checkpoints)")
+    return json.loads(path.read_text())
+
+
+def preset_from_checkpoint(ckpt_dir: str | os.PathLike) -> ModelPreset:
+    """The architecture a converted checkpoint was written with."""
+    return ModelPreset(**read_checkpoint_metadata(ckpt_dir)["preset"])
+
+
+def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, preset: ModelPreset,
+                          parallel: ParallelConfig | None = None, params_dtype: str = "fp32",
+                          attention_backend: str = "local"):
+    """A GPTModel chunk for this rank with the weights of a Megatron distributed checkpoint (any saved
+    layout; Megatron's parallel state must match `parallel`, see runtime.ensure_parallel)."""
+    from megatron.core import dist_checkpointing
+
+    from megatron_solopo.model.builder import build_gpt_model
+
+    parallel = parallel or ParallelConfig()
+    model_config = ModelConfig(checkpoint=str(ckpt_dir), params_dtype=params_dtype,
+                               attention_backend=attention_backend)
+    model = build_gpt_model(preset, parallel, model_config, initialize_weights=False)
+    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
+    model.load_state_dict(state)
+    return model
+
+
+def iter_hf_tensors(model, preset: ModelPreset) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, tensor) for every weight of a complete model (tp=pp=1), in table order."""
+    mapping, geom = get_mapping(preset.architecture), Geometry.of(preset)
+    state = weight_state(model)
+    embedding = state.get("embedding.word_embeddings.weight")
+    if (len(model.decoder.layers) != preset.num_layers or embedding is None
+            or embedding.shape[0] != preset.vocab_size):
+        raise ValueError("iter_hf_tensors needs the whole model in one process (tp=pp=1); load the "
+                         "distributed checkpoint at tp=pp=1 first (it reshards)")
+    used = set()
+    for mcore_name, entry in mapping.instances(len(model.decoder.layers), 0):
+        name = _resolve_name(state, mcore_name)
+        if name is None:
+            if entry.hf_names(preset.tie_embeddings):
+                raise ValueError(f"the model has no {mcore_name}, which {entry.hf_names()} come from")
+            continue  # tied output layer: HF stores no lm_head
+        used.add(name)
+        yield from entry.to_hf(state[name].detach(), geom, tied=preset.tie_embeddings).items()
+    unused = sorted(set(state) - used)
+    if unused:
+        raise ValueError(f"model tensors {unused} have no HF name in the {mapping.hf_architecture} table")
+
+
+def hf_config_for_export(preset: ModelPreset, dtype: str, source_config: dict | None) -> dict:
+    """The source config.json when it still describes `preset` (keeps token ids, names, extras), else
+    one generated from the preset; the dtype field set to `dtype`."""
+    config = None
+    if source_config:
+        try:
+            if infer_preset_from_hf(source_config, name=preset.name) == preset:
+                config = dict(source_config)
+        except UnsupportedHFConfig:
+            config = None
+    if config is None:
+        return hf_config_from_preset(preset, dtype)
+    key = "dtype" if "dtype" in config else "torch_dtype"
+    config[key] = TORCH_DTYPE_NAMES[dtype]
+    return config
+
+
+def write_hf_checkpoint(model, preset: ModelPreset, out_dir: str | os.PathLike, dtype: str,
+                        source_config: dict | None = None, assets_dir: str | os.PathLike | None = None,
+                        max_shard_bytes: int = 5 * 10**9) -> list[str]:
+    """Writes a complete (tp=pp=1) model as HF safetensors shards + config.json (+ assets)."""
+    out_dir = pathlib.Path(out_dir)
+    writer = HFShardWriter(out_dir, max_shard_bytes)
+    for name, tensor in iter_hf_tensors(model, preset):
+        writer.add(name, tensor.to(_TORCH_DTYPES[dtype]))
+    shards = writer.finish()
+    if assets_dir is not None and pathlib.Path(assets_dir).is_dir():
+        copy_hf_assets(assets_dir, out_dir, exclude=("config.json",))
+    config = hf_config_for_export(preset, dtype, source_config)
+    (out_dir / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return shards
+
+
+def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
+                        max_shard_size: str | int = "5GB", dtype: str | None = None,
+                        preset: ModelPreset | str | None = None, assets_dir: str | os.PathLike | None = None,
+                        log=print) -> pathlib.Path:
+    """Converts a Megatron distributed checkpoint to a HF checkpoint directory.
+
+    Args:
+        ckpt_dir: checkpoint written by `convert_hf_to_mcore` (or any Megatron GPT checkpoint with the
+            same keys, given `preset`).
+        out_dir: new or empty directory for the HF files.
+        max_shard_size: largest safetensors file, e.g. '5GB' or a byte count.
+        dtype: fp32 | bf16 | fp16; default the checkpoint's dtype.
+        preset: architecture (object or registered name); default from the checkpoint's metadata.
+        assets_dir: tokenizer/config files to copy; default the checkpoint's hf_assets/.
+    """
+    ckpt_dir, out_dir = pathlib.Path(ckpt_dir), pathlib.Path(out_dir)
+    meta = {}
+    if preset is None:
+        meta = read_checkpoint_metadata(ckpt_dir)
+        preset = ModelPreset(**meta["preset"])
+    elif isinstance(preset, str):
+        preset = get_preset(preset)
+    dtype = dtype or meta.get("dtype", "bf16")
+    if dtype not in _TORCH_DTYPES:
+        raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_TORCH_DTYPES)}")
+    assets = pathlib.Path(assets_dir) if assets_dir else ckpt_dir / meta.get("hf_assets_dir", ASSETS_DIR)
+    max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
+    start = time.perf_counter()
+    with parallel_session(ParallelConfig(), backend="gloo"):
+        check_on_rank0(lambda: check_output_dir(out_dir))
+        model = load_mcore_checkpoint(ckpt_dir, preset, params_dtype=dtype)
+        if is_rank0():
+            log(f"loaded {ckpt_dir} ({preset.num_parameters() / 1e6:.1f}M parameters) in "
+                f"{time.perf_counter() - start:.1f} s")
+            shards = write_hf_checkpoint(model, preset, out_dir, dtype, meta.get("hf_config"), assets, max_bytes)
+            log(f"wrote {len(shards)} safetensors shard(s) + config.json to {out_dir} in "
+                f"{time.perf_counter() - start:.1f} s")
+        barrier()
+    return out_dir

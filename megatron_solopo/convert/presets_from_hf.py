@@ -1,0 +1,220 @@
+"""A `ModelPreset` from a Hugging Face config.json, and a config.json from a preset.
+
+Only what Megatron's GPT block computes exactly is accepted. Anything it would approximate is an
+error that names the field and the way out: sliding-window attention, RoPE scaling other than
+Llama-3.1's ('llama3' with Megatron's fixed low_freq_factor=1, high_freq_factor=4,
+original_max_position_embeddings=8192), partial rotary embeddings, biases beyond Qwen2's QKV bias,
+activations other than SiLU, quantized checkpoints. Both config layouts are read: transformers 4
+(`rope_theta`, `rope_scaling`) and transformers 5 (`rope_parameters`, `layer_types`).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+from collections.abc import Mapping
+from typing import Any
+
+from megatron_solopo.convert.mappings import ARCHITECTURE_MAPPINGS, get_mapping
+from megatron_solopo.model.presets import ModelPreset
+
+# Megatron-Core 0.19 RotaryEmbedding._apply_scaling hard-codes these (Llama-3.1's values); only the
+# factor is configurable. A config with other values would silently get different frequencies.
+MEGATRON_LLAMA3_ROPE = {"low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                        "original_max_position_embeddings": 8192}
+_LLAMA3_KEYS = {"rope_type", "type", "rope_theta", "factor", *MEGATRON_LLAMA3_ROPE}
+_DEFAULT_ROPE_KEYS = {"rope_type", "type", "rope_theta"}
+_HF_ARCH_TO_PRESET = {m.hf_architecture: m.name for m in ARCHITECTURE_MAPPINGS.values()}
+_MODEL_TYPE_TO_PRESET = {m.model_type: m.name for m in ARCHITECTURE_MAPPINGS.values()}
+
+
+class UnsupportedHFConfig(ValueError):
+    """The HF config describes a model the Megatron preset cannot express exactly."""
+
+
+def read_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+    """config.json as a dict, from a model directory, a config.json path, or a dict."""
+    if isinstance(source, Mapping):
+        return dict(source)
+    path = pathlib.Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.exists():
+        raise FileNotFoundError(f"no config.json at {path}: is this a Hugging Face model directory?")
+    return json.loads(path.read_text())
+
+
+def _architecture(config: Mapping[str, Any], where: str) -> str:
+    archs = config.get("architectures") or []
+    for arch in archs:
+        if arch in _HF_ARCH_TO_PRESET:
+            return _HF_ARCH_TO_PRESET[arch]
+    model_type = config.get("model_type")
+    if not archs and model_type in _MODEL_TYPE_TO_PRESET:
+        return _MODEL_TYPE_TO_PRESET[model_type]
+    supported = ", ".join(sorted(_HF_ARCH_TO_PRESET))
+    raise UnsupportedHFConfig(
+        f"{where}: architecture {archs or model_type!r} is not supported for conversion; supported: "
+        f"{supported} (docs/conversion.md explains how to add one)")
+
+
+def _required(config: Mapping[str, Any], key: str, where: str):
+    if config.get(key) is None:
+        raise UnsupportedHFConfig(f"{where}: config.json has no {key!r}, which the conversion needs")
+    return config[key]
+
+
+def _rope(config: Mapping[str, Any], where: str) -> tuple[float, float | None]:
+    """(rope theta, llama3 scaling factor or None); errors for anything Megatron would approximate."""
+    params = config.get("rope_parameters")  # transformers >= 5
+    if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
+        raise UnsupportedHFConfig(f"{where}: per-layer-type RoPE parameters ({sorted(params)}) are not "
+                                  "supported; one RoPE for all layers is")
+    scaling = params if params else config.get("rope_scaling")  # transformers 4
+    scaling = dict(scaling or {})
+    theta = scaling.get("rope_theta", config.get("rope_theta", 10000.0))
+    if float(theta) != int(theta):
+        raise UnsupportedHFConfig(f"{where}: rope_theta={theta} is not an integer; Megatron-Core's "
+                                  "RotaryEmbedding takes an integer base")
+    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    if partial is not None and float(partial) != 1.0:
+        raise UnsupportedHFConfig(f"{where}: partial_rotary_factor={partial} (RoPE on part of each head) "
+                                  "is not supported; only full rotary embeddings are")
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "default":
+        _reject_extra_keys(scaling, _DEFAULT_ROPE_KEYS | {"partial_rotary_factor"}, "default", where)
+        return float(theta), None
+    if rope_type != "llama3":
+        raise UnsupportedHFConfig(
+            f"{where}: rope scaling type {rope_type!r} is not implemented by Megatron-Core's GPT model "
+            "(only 'llama3', Llama-3.1's frequency scaling, is); converting would change the model")
+    _reject_extra_keys(scaling, _LLAMA3_KEYS | {"partial_rotary_factor"}, "llama3", where)
+    for key, megatron_value in MEGATRON_LLAMA3_ROPE.items():
+        value = scaling.get(key)
+        if value is None or float(value) != megatron_value:
+            raise UnsupportedHFConfig(
+                f"{where}: llama3 rope scaling with {key}={value}; Megatron-Core fixes {key}="
+                f"{megatron_value:g} (Llama-3.1/3.2 values), so this model's RoPE frequencies cannot be "
+                "reproduced exactly")
+    factor = scaling.get("factor")
+    if factor is None or float(factor) <= 0:
+        raise UnsupportedHFConfig(f"{where}: llama3 rope scaling needs a positive 'factor', got {factor}")
+    return float(theta), float(factor)
+
+
+def _reject_extra_keys(scaling: Mapping[str, Any], allowed: set[str], rope_type: str, where: str) -> None:
+    extra = sorted(k for k, v in scaling.items() if k not in allowed and v is not None)
+    if extra:
+        raise UnsupportedHFConfig(f"{where}: {rope_type} RoPE with extra parameters {extra} is not "
+                                  "supported (Megatron-Core would ignore them)")
+
+
+def _check_full_attention(config: Mapping[str, Any], architecture: str, where: str) -> None:
+    layer_types = config.get("layer_types") or []
+    windowed = sorted({t for t in layer_types if t != "full_attention"})
+    if windowed:
+        raise UnsupportedHFConfig(f"{where}: layer types {windowed} in use; only full attention is "
+                                  "supported (Megatron's GPT block has no sliding window)")
+    if architecture == "qwen2" and config.get("use_sliding_window"):
+        raise UnsupportedHFConfig(
+            f"{where}: use_sliding_window=true (window {config.get('sliding_window')}); only full "
+            "attention is supported. Set use_sliding_window to false in config.json only if you accept "
+            "a different model beyond the window")
+    if architecture == "mistral" and config.get("sliding_window") is not None:
+        raise UnsupportedHFConfig(
+            f"{where}: sliding_window={config['sliding_window']} is in use; only full attention is "
+            "supported (Mistral v0.2+ checkpoints have sliding_window null). Set it to null in "
+            "config.json only if you accept a different model beyond the window")
+
+
+def _check_biases_and_activation(config: Mapping[str, Any], architecture: str, where: str) -> None:
+    if architecture in ("llama", "mistral") and config.get("attention_bias"):
+        raise UnsupportedHFConfig(f"{where}: attention_bias=true (biases on q/k/v/o projections) is not "
+                                  "supported; Megatron's preset has a QKV bias only for Qwen2")
+    if config.get("mlp_bias"):
+        raise UnsupportedHFConfig(f"{where}: mlp_bias=true is not supported (the MLP has no biases)")
+    act = config.get("hidden_act", "silu")
+    if act not in ("silu", "swish"):
+        raise UnsupportedHFConfig(f"{where}: hidden_act={act!r}; only SiLU (SwiGLU MLP) is supported")
+    if config.get("quantization_config"):
+        raise UnsupportedHFConfig(f"{where}: quantized checkpoint "
+                                  f"({config['quantization_config'].get('quant_method', '?')}); "
+                                  "de-quantize it to bf16/fp32 safetensors first")
+
+
+def infer_preset_from_hf(source: str | os.PathLike | Mapping[str, Any], name: str | None = None) -> ModelPreset:
+    """The `ModelPreset` of a HF Llama / Qwen2 / Mistral checkpoint (directory, config.json or dict).
+
+    The preset is returned unregistered, named `name` or 'hf:<directory name>'. Raises
+    `UnsupportedHFConfig` (a ValueError) for a model the preset cannot express exactly.
+    """
+    config = read_hf_config(source)
+    if name is None:
+        base = pathlib.Path(source).name if not isinstance(source, Mapping) else "config"
+        base = "model" if base == "config.json" else base
+        name = f"hf:{base}"
+    where = f"HF config for {name}"
+    architecture = _architecture(config, where)
+    _check_full_attention(config, architecture, where)
+    _check_biases_and_activation(config, architecture, where)
+    theta, rope_factor = _rope(config, where)
+    hidden = int(_required(config, "hidden_size", where))
+    heads = int(_required(config, "num_attention_heads", where))
+    head_dim = config.get("head_dim")
+    kv_channels = int(head_dim) if head_dim and (hidden % heads or int(head_dim) != hidden // heads) else None
+    return ModelPreset(
+        name=name,
+        architecture=architecture,
+        num_layers=int(_required(config, "num_hidden_layers", where)),
+        hidden_size=hidden,
+        ffn_hidden_size=int(_required(config, "intermediate_size", where)),
+        num_attention_heads=heads,
+        num_query_groups=int(config.get("num_key_value_heads") or heads),
+        vocab_size=int(_required(config, "vocab_size", where)),
+        max_position_embeddings=int(_required(config, "max_position_embeddings", where)),
+        rotary_base=theta,
+        norm_epsilon=float(config.get("rms_norm_eps", 1e-6)),
+        tie_embeddings=bool(config.get("tie_word_embeddings", False)),
+        qkv_bias=architecture == "qwen2",
+        kv_channels=kv_channels,
+        rope_scaling_factor=rope_factor,
+    )
+
+
+TORCH_DTYPE_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+def hf_config_from_preset(preset: ModelPreset, dtype: str = "bf16") -> dict[str, Any]:
+    """A config.json dict (transformers 4 layout, which transformers 5 also reads) for a preset."""
+    mapping = get_mapping(preset.architecture)
+    config: dict[str, Any] = {
+        "architectures": [mapping.hf_architecture],
+        "model_type": mapping.model_type,
+        "hidden_size": preset.hidden_size,
+        "intermediate_size": preset.ffn_hidden_size,
+        "num_hidden_layers": preset.num_layers,
+        "num_attention_heads": preset.num_attention_heads,
+        "num_key_value_heads": preset.num_query_groups,
+        "head_dim": preset.head_dim,
+        "vocab_size": preset.vocab_size,
+        "max_position_embeddings": preset.max_position_embeddings,
+        "rms_norm_eps": preset.norm_epsilon,
+        "rope_theta": preset.rotary_base,
+        "rope_scaling": None,
+        "tie_word_embeddings": preset.tie_embeddings,
+        "hidden_act": "silu",
+        "torch_dtype": TORCH_DTYPE_NAMES[dtype],
+    }
+    if preset.rope_scaling_factor is not None:
+        config["rope_scaling"] = {"rope_type": "llama3", "factor": preset.rope_scaling_factor,
+                                  **MEGATRON_LLAMA3_ROPE}
+    if preset.architecture in ("llama", "mistral"):
+        config["attention_bias"] = False
+    if preset.architecture == "llama":
+        config["mlp_bias"] = False
+    if preset.architecture in ("mistral", "qwen2"):
+        config["sliding_window"] = None
+    if preset.architecture == "qwen2":
+        config["use_sliding_window"] = False
+    return config

@@ -1,0 +1,90 @@
+"""Process-group handling for conversions: join an existing layout or set up a single process."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+
+import torch.distributed as dist
+
+from megatron_solopo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+
+
+def _current_layout() -> tuple[int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size())
+
+
+def ensure_parallel(parallel: ParallelConfig, backend: str | None = None) -> bool:
+    """Makes Megatron's parallel state match `parallel`; returns True when this call created the
+    process group (the caller then owns its teardown).
+
+    No process group yet: one is created from the torchrun/SLURM environment, or a single gloo/nccl
+    process without a launcher. A group that exists with another TP/PP/CP layout is an error (we do
+    not silently re-initialize groups a caller may be using).
+    """
+    if not dist.is_initialized():
+        world = _launch_world_size()
+        if world % parallel.model_parallel_size:
+            raise ValueError(
+                f"tp*pp*cp = {parallel.model_parallel_size} does not divide the {world} process(es) of this "
+                f"run; launch with `torchrun --nproc-per-node {parallel.model_parallel_size} ...` (a "
+                "Megatron distributed checkpoint reshards on load, so converting at tp=pp=1 is enough)")
+        initialize_parallel(parallel, backend=backend)
+        return True
+    from megatron.core import parallel_state as ps
+
+    if not ps.model_parallel_is_initialized():
+        initialize_parallel(parallel, backend=backend)
+        return False
+    layout = _current_layout()
+    if layout != (parallel.tp, parallel.pp, parallel.cp):
+        raise ValueError(f"Megatron's parallel state is initialized with (tp, pp, cp) = {layout}, but the "
+                         f"conversion asked for {(parallel.tp, parallel.pp, parallel.cp)}; pass the "
+                         "ParallelConfig the process group was initialized with")
+    return False
+
+
+def _launch_world_size() -> int:
+    from megatron_solopo.parallel import read_launch_env
+
+    return read_launch_env().world_size
+
+
+@contextlib.contextmanager
+def parallel_session(parallel: ParallelConfig, backend: str | None = None) -> Iterator[None]:
+    """`ensure_parallel` for the duration of a command; tears down only what it created."""
+    created = ensure_parallel(parallel, backend)
+    try:
+        yield
+    finally:
+        if created:
+            destroy_parallel()
+
+
+def is_rank0() -> bool:
+    return not dist.is_initialized() or dist.get_rank() == 0
+
+
+def barrier() -> None:
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def check_on_rank0(check: Callable[[], None]) -> None:
+    """Runs `check` on rank 0 and raises its error on every rank, so that all ranks stop together
+    instead of the others waiting forever in the next collective."""
+    error = None
+    if is_rank0():
+        try:
+            check()
+        except (ValueError, FileExistsError, FileNotFoundError) as err:
+            error = err
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise error
