@@ -38,7 +38,9 @@ class ModelConfig:
     recompute_num_layers: int = 1
     """With recompute=full: layers per recomputed block (uniform method)."""
     init_seed: int = 1234
-    """Seed for random initialization (weights are identical for any TP/PP layout)."""
+    """Seed for random initialization. The weights are identical for any TP size (full master
+    weights are drawn on the CPU and split); a different PP size draws the layers in another order,
+    so a random-init run at PP=2 does not start from the PP=1 weights (load a checkpoint for that)."""
 
     def __post_init__(self) -> None:
         for name, value, allowed in (("attention_backend", self.attention_backend, ATTENTION_BACKENDS),

@@ -16,7 +16,10 @@ CUDA, `install_cpu_shim()` redirects exactly these to the CPU:
 5. backward passes run with the mode of rule 1 active (torch.autograd's engine entry point is wrapped:
    a mode's handler runs `Tensor.backward` with the mode popped, which would leave Megatron's backward
    code, e.g. sequence-parallel buffers, allocating on 'cuda');
-6. `Tensor.type()` reports a CPU float tensor as 'torch.cuda.FloatTensor' (Megatron's grad clipping
+6. Megatron's batched pipeline p2p (activations, gradients and their shapes) is issued as two batches,
+   one per direction of data flow, because gloo pairs the messages between two ranks in FIFO order
+   and mismatches a mixed-direction batch when the previous and next stage are the same rank (pp=2);
+7. `Tensor.type()` reports a CPU float tensor as 'torch.cuda.FloatTensor' (Megatron's grad clipping
    asserts that string, its optimizers select fp32 params by it), and `Tensor.type('torch.cuda.X')`
    converts to the CPU type X.
 
@@ -111,7 +114,7 @@ def _patch_autograd_engine() -> None:
     recomputation) would allocate on 'cuda' again. torch.autograd calls the engine through the
     module-level name `_engine_run_backward`; wrapping it re-enters the mode for the engine's run.
     """
-    import torch.autograd as autograd
+    from torch import autograd
 
     engine_run_backward = autograd._engine_run_backward
 
@@ -122,6 +125,39 @@ def _patch_autograd_engine() -> None:
             return engine_run_backward(*args, **kwargs)
 
     autograd._engine_run_backward = run_backward_on_cpu
+
+
+def _patch_megatron_p2p() -> None:
+    """Pipeline p2p over gloo: one batch per direction of data flow.
+
+    Megatron batches [send_prev, recv_prev, send_next, recv_next] into one `batch_isend_irecv`. NCCL
+    pairs such a batch's messages correctly, gloo pairs the messages between two ranks first-in
+    first-out. With two pipeline ranks the previous and next rank are the same process, so a rank's
+    send_prev (a gradient) meets its peer's recv_prev (an activation) whenever both directions move
+    in one call: silently wrong activations when the shapes agree (interleaved pipeline, pp=2), a
+    size error otherwise. Splitting every batch into its forward-flow half (send_next, recv_prev) and
+    then its backward-flow half (send_prev, recv_next), on every rank, makes FIFO order match.
+    """
+    from megatron.core.pipeline_parallel import p2p_communication as p2p
+
+    batched = p2p._batched_p2p_ops
+
+    def batched_by_direction(*, tensor_send_prev, tensor_recv_prev, tensor_send_next, tensor_recv_next, **kwargs):
+        forward_flow = batched(tensor_send_prev=None, tensor_recv_prev=tensor_recv_prev,
+                               tensor_send_next=tensor_send_next, tensor_recv_next=None, **kwargs)
+        backward_flow = batched(tensor_send_prev=tensor_send_prev, tensor_recv_prev=None,
+                                tensor_send_next=None, tensor_recv_next=tensor_recv_next, **kwargs)
+        return list(forward_flow) + list(backward_flow)
+
+    communicate_shapes = p2p.P2PCommunicator._communicate_shapes
+
+    def shapes_by_direction(self, tensor_send_next, tensor_send_prev, recv_prev, recv_next):
+        recv_prev_shape, _ = communicate_shapes(self, tensor_send_next, None, recv_prev, False)
+        _, recv_next_shape = communicate_shapes(self, None, tensor_send_prev, False, recv_next)
+        return recv_prev_shape, recv_next_shape
+
+    p2p._batched_p2p_ops = batched_by_direction
+    p2p.P2PCommunicator._communicate_shapes = shapes_by_direction
 
 
 def _cpu_rng_functions():
@@ -185,6 +221,7 @@ def install_cpu_shim() -> bool:
         _patch_torch_cuda()
         _patch_megatron_rng()
         _patch_autograd_engine()
+        _patch_megatron_p2p()
         _CudaToCpuMode().__enter__()  # process-wide: never exited
         _installed = True
     return True

@@ -1,0 +1,153 @@
+"""Megatron-Core DistributedDataParallel, optimizer and learning-rate schedule for the SoLoPO step.
+
+    chunks = wrap_ddp(build_model_chunks(preset, parallel, model_cfg), use_distributed_optimizer=False)
+    optimizer = build_optimizer(chunks, lr=1e-6, weight_decay=0.0, clip_grad=1.0)
+    scheduler = build_scheduler(optimizer, total_steps=1000, warmup_steps=30, decay="cosine")
+    # or all three at once: chunks, optimizer, scheduler = build_training_objects(chunks, ...)
+
+`wrap_ddp` sets `calculate_per_token_loss=True` on the model config: the step's loss function returns
+a SUM over preference pairs and the pair count, and Megatron divides the summed gradients by the
+global count (derivation in training/step.py). `build_optimizer` sets `finalize_model_grads_func`
+and `grad_scale_func` on the config, as Megatron's training loop does. bf16/fp16 master weights
+follow the model's own config (TransformerConfig.bf16 / fp16), so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import torch.distributed as dist
+
+__all__ = [
+    "LR_DECAYS",
+    "build_optimizer",
+    "build_scheduler",
+    "build_training_objects",
+    "current_lr",
+    "wrap_ddp",
+]
+
+LR_DECAYS = ("cosine", "linear", "constant")
+
+
+def _model_config(chunk):
+    from megatron.core.utils import get_model_config
+
+    return get_model_config(chunk)
+
+
+def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool = False, grad_reduce_in_fp32: bool = True,
+             overlap_grad_reduce: bool = False, bucket_size: int | None = None) -> list:
+    """Wraps each GPTModel chunk in Megatron-Core DistributedDataParallel (grads in `param.main_grad`).
+
+    use_distributed_optimizer: lay the grad buffers out for the distributed optimizer (ZeRO-1; must
+    match build_optimizer's flag). grad_reduce_in_fp32: keep and all-reduce grads in fp32 (bf16
+    models). overlap_grad_reduce: overlap the DP reduction with the backward (GPU only: it needs CUDA
+    streams). bucket_size: elements per reduction bucket (None = Megatron's default).
+    """
+    from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+
+    from megatron_solopo.parallel.shim import shim_active
+
+    if not model_chunks:
+        raise ValueError("wrap_ddp needs at least one model chunk")
+    if overlap_grad_reduce and shim_active():
+        raise ValueError("overlap_grad_reduce overlaps the gradient reduction with the backward on CUDA streams; "
+                         "it is not available on the CPU path, set it to False")
+    ddp_config = DistributedDataParallelConfig(
+        grad_reduce_in_fp32=grad_reduce_in_fp32, overlap_grad_reduce=overlap_grad_reduce,
+        use_distributed_optimizer=use_distributed_optimizer, bucket_size=bucket_size,
+        average_in_collective=False)  # the loss contract (step.py) needs plain sums over DP x CP
+    wrapped = []
+    for index, chunk in enumerate(model_chunks):
+        config = _model_config(chunk)
+        config.calculate_per_token_loss = True  # read by DDP at construction: no 1/(dp*cp) pre-scaling
+        wrapped.append(DistributedDataParallel(config=config, ddp_config=ddp_config, module=chunk,
+                                               # as Megatron's get_model: one bucket set for chunk 0 only
+                                               disable_bucketing=index > 0))
+    for chunk in wrapped:
+        chunk.broadcast_params()  # identical replicas over DP whatever each rank loaded or drew
+    return wrapped
+
+
+def build_optimizer(model_chunks: list, *, lr: float, min_lr: float = 0.0, weight_decay: float = 0.0,
+                    adam_beta1: float = 0.9,
+                    adam_beta2: float = 0.95, adam_eps: float = 1e-8, clip_grad: float = 1.0,
+                    use_distributed_optimizer: bool = False):
+    """Megatron-Core optimizer over DDP-wrapped chunks (`get_megatron_optimizer`).
+
+    AdamW (decoupled weight decay, not applied to norms/biases; fused TE/apex kernels when installed,
+    else torch's). lr / min_lr: peak and final learning rate of the schedule (build_scheduler reads
+    them from here). clip_grad: global L2-norm clipping over all ranks, 0 disables. Precision (bf16/fp16 with fp32 master weights) follows
+    the model config. Also sets config.finalize_model_grads_func and config.grad_scale_func.
+    """
+    from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
+    from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+
+    if not all(isinstance(chunk, DistributedDataParallel) for chunk in model_chunks):
+        raise TypeError("build_optimizer needs the chunks returned by wrap_ddp: Megatron's optimizer reads "
+                        "param.main_grad, which only DistributedDataParallel fills")
+    if not lr > 0:
+        raise ValueError(f"lr must be > 0, got {lr}")
+    if not 0 <= min_lr <= lr:
+        raise ValueError(f"min_lr={min_lr} must be in [0, lr={lr}]")
+    config = _model_config(model_chunks[0])
+    opt_config = OptimizerConfig(
+        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
+        adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad,
+        bf16=bool(config.bf16), fp16=bool(config.fp16), params_dtype=config.params_dtype,
+        use_distributed_optimizer=use_distributed_optimizer)
+    ddp_flag = model_chunks[0].ddp_config.use_distributed_optimizer
+    if ddp_flag != use_distributed_optimizer:
+        raise ValueError(f"use_distributed_optimizer={use_distributed_optimizer} but the chunks were wrapped with "
+                         f"wrap_ddp(use_distributed_optimizer={ddp_flag}); pass the same value to both")
+    # Megatron's gloo side groups exist only when the main backend is NCCL (initialize_parallel)
+    megatron_optimizer = get_megatron_optimizer(opt_config, model_chunks,
+                                                use_gloo_process_groups=dist.get_backend() != "gloo")
+    for chunk in model_chunks:
+        chunk_config = _model_config(chunk)
+        chunk_config.finalize_model_grads_func = finalize_model_grads
+        chunk_config.grad_scale_func = megatron_optimizer.scale_loss
+    return megatron_optimizer
+
+
+def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, decay: str = "cosine"):
+    """Megatron's OptimizerParamScheduler: linear warmup 0 -> lr over `warmup_steps`, then `decay`
+    (cosine | linear | constant) to min_lr at `total_steps`; constant weight decay.
+
+    lr, min_lr and weight_decay are those given to build_optimizer (Megatron's param groups carry
+    max_lr/min_lr, which override the scheduler's own values, so they are read from there: one source).
+    Step k (0-based) trains with lr * k / warmup_steps during warmup (Megatron's convention: the first
+    warmup step has lr 0). Call `scheduler.step(1)` after each successful optimizer step (train_step does).
+    """
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    if decay not in LR_DECAYS:
+        raise ValueError(f"decay={decay!r} is not one of {LR_DECAYS}")
+    if total_steps < 1 or warmup_steps < 0 or warmup_steps >= total_steps:
+        raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps})")
+    config = optimizer.config
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if warmup_steps else config.lr, max_lr=config.lr, min_lr=config.min_lr,
+        lr_warmup_steps=warmup_steps, lr_decay_steps=total_steps, lr_decay_style=decay,
+        start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=total_steps,
+        wd_incr_style="constant")
+
+
+def build_training_objects(model_chunks: list, *, lr: float, total_steps: int, warmup_steps: int = 0,
+                           min_lr: float = 0.0, decay: str = "cosine", weight_decay: float = 0.0,
+                           adam_beta1: float = 0.9, adam_beta2: float = 0.95, adam_eps: float = 1e-8,
+                           clip_grad: float = 1.0, use_distributed_optimizer: bool = False,
+                           overlap_grad_reduce: bool = False):
+    """wrap_ddp + build_optimizer + build_scheduler with one set of arguments; returns (chunks, optimizer, scheduler)."""
+    chunks = wrap_ddp(model_chunks, use_distributed_optimizer=use_distributed_optimizer,
+                      overlap_grad_reduce=overlap_grad_reduce)
+    megatron_optimizer = build_optimizer(chunks, lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
+                                         adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad,
+                                         use_distributed_optimizer=use_distributed_optimizer)
+    scheduler = build_scheduler(megatron_optimizer, total_steps=total_steps, warmup_steps=warmup_steps, decay=decay)
+    return chunks, megatron_optimizer, scheduler
+
+
+def current_lr(optimizer) -> float:
+    """The learning rate the next optimizer step uses (first parameter group)."""
+    value = optimizer.param_groups[0]["lr"]
+    return float(value.item() if hasattr(value, "item") else value)

@@ -1,0 +1,138 @@
+"""Helpers for the training-step tests: random tokenized pairs, layout-independent weights, full tensors.
+
+Megatron draws initial weights per pipeline stage from one RNG stream, so a PP=2 model does not start
+from the PP=1 weights. `set_weights_by_name` gives every parameter a value that depends only on its
+global name (layer numbers made global) and its TP slice, so all layouts hold the same function.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+import zlib
+
+import torch
+
+ROLES = ("short_chosen", "short_rejected", "long_chosen", "long_rejected")
+
+
+def make_samples(num_pairs: int, seed: int = 0, vocab: int = 256, short=(6, 14), long=(20, 40), response=(2, 7),
+                 prefix: str = "pair"):
+    """Tokenized preference pairs in the data room's format (random tokens, shared responses)."""
+    rng = random.Random(seed)
+    samples = []
+    for index in range(num_pairs):
+        sample = {"id": f"{prefix}{index}"}
+        x_short = [rng.randrange(1, vocab) for _ in range(rng.randint(*short))]
+        x_long = [rng.randrange(1, vocab) for _ in range(rng.randint(*long))]
+        y_w = [rng.randrange(1, vocab) for _ in range(rng.randint(*response))]
+        y_l = [rng.randrange(1, vocab) for _ in range(rng.randint(*response))]
+        for role, (prompt, answer) in {"short_chosen": (x_short, y_w), "short_rejected": (x_short, y_l),
+                                       "long_chosen": (x_long, y_w), "long_rejected": (x_long, y_l)}.items():
+            sample[f"{role}_input_ids"] = prompt + answer
+            sample[f"{role}_loss_mask"] = [0] * len(prompt) + [1] * len(answer)
+        samples.append(sample)
+    return samples
+
+
+def _unwrap(chunk):
+    while hasattr(chunk, "module"):
+        chunk = chunk.module
+    return chunk
+
+
+def global_param_names(chunk) -> dict[str, torch.nn.Parameter]:
+    """{global name: parameter} of one GPTModel chunk (decoder layer indices made global)."""
+    model = _unwrap(chunk)
+    offsets = {str(i): layer.layer_number - 1 for i, layer in enumerate(model.decoder.layers)}
+    named = {}
+    for name, param in model.named_parameters():
+        match = re.match(r"decoder\.layers\.(\d+)\.(.*)", name)
+        if match:
+            name = f"decoder.layers.{offsets[match.group(1)]}.{match.group(2)}"
+        named[name] = param
+    return named
+
+
+def _tp_info(param) -> tuple[int, int, int]:
+    from megatron.core import parallel_state
+
+    if not getattr(param, "tensor_model_parallel", False):
+        return -1, 0, 1
+    return param.partition_dim, parallel_state.get_tensor_model_parallel_rank(), \
+        parallel_state.get_tensor_model_parallel_world_size()
+
+
+def _full_shape(param) -> list[int]:
+    dim, _, tp = _tp_info(param)
+    shape = list(param.shape)
+    if dim >= 0:
+        shape[dim] *= tp
+    return shape
+
+
+def _local_slice(name: str, full: torch.Tensor, param) -> torch.Tensor:
+    dim, rank, tp = _tp_info(param)
+    if dim < 0:
+        return full
+    if name.endswith("linear_fc1.weight"):  # SwiGLU: each TP rank holds [gate_r; up_r]
+        gate, up = full.chunk(2, dim=0)
+        return torch.cat([gate.chunk(tp, dim=0)[rank], up.chunk(tp, dim=0)[rank]], dim=0)
+    return full.chunk(tp, dim=dim)[rank]
+
+
+def set_weights_by_name(model_chunks, seed: int = 0, std: float = 0.05) -> None:
+    """Deterministic weights from (seed, global name): the same model on every TP/PP/CP/DP layout."""
+    for chunk in model_chunks:
+        for name, param in global_param_names(chunk).items():
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            full = torch.randn(_full_shape(param), generator=gen, dtype=torch.float32)
+            full = 1.0 + 0.1 * full if "layernorm" in name or "final_norm" in name else std * full
+            with torch.no_grad():
+                param.copy_(_local_slice(name, full, param).to(param.dtype))
+
+
+def snapshot(model_chunks) -> dict[str, torch.Tensor]:
+    """{global name: local tensor copy}."""
+    out = {}
+    for chunk in model_chunks:
+        for name, param in global_param_names(chunk).items():
+            out[name] = param.detach().float().clone()
+    return out
+
+
+def local_shards(model_chunks, tensors: dict[str, torch.Tensor]) -> dict[str, dict]:
+    """What a rank reports for reassembly: {name: {tensor, dim, tp_rank, tp}}."""
+    out = {}
+    for chunk in model_chunks:
+        for name, param in global_param_names(chunk).items():
+            dim, rank, tp = _tp_info(param)
+            out[name] = {"tensor": tensors[name], "dim": dim, "tp_rank": rank, "tp": tp}
+    return out
+
+
+def assemble(rank_shards: list[dict[str, dict]]) -> dict[str, torch.Tensor]:
+    """Full tensors from every rank's shards (TP concatenated; PP union; DP/CP replicas checked equal)."""
+    pieces: dict[str, dict[int, torch.Tensor]] = {}
+    meta: dict[str, tuple[int, int]] = {}
+    for shards in rank_shards:
+        for name, info in shards.items():
+            slot = pieces.setdefault(name, {})
+            if info["tp_rank"] in slot:
+                torch.testing.assert_close(slot[info["tp_rank"]], info["tensor"], rtol=1e-5, atol=1e-7,
+                                           msg=f"{name}: replicas (DP/CP) disagree")
+            else:
+                slot[info["tp_rank"]] = info["tensor"]
+            meta[name] = (info["dim"], info["tp"])
+    full = {}
+    for name, slot in pieces.items():
+        dim, _ = meta[name]
+        ordered = [slot[r] for r in sorted(slot)]
+        if dim < 0:
+            full[name] = ordered[0]
+        elif name.endswith("linear_fc1.weight"):
+            gates, ups = zip(*(t.chunk(2, dim=0) for t in ordered))
+            full[name] = torch.cat([*gates, *ups], dim=0)
+        else:
+            full[name] = torch.cat(ordered, dim=dim)
+    return full

@@ -1,0 +1,259 @@
+"""The SoLoPO step is invariant to the parallel layout: TP, PP, CP, DP and micro-batching.
+
+One 2-process gloo group runs every layout in turn (re-initializing Megatron's groups), through the
+real path: collate_microbatches -> Megatron's pipeline schedule -> DDP -> Megatron's optimizer. The
+optimizer is Adam with lr = eps = 1e6 and no clipping: its first update is -lr * g / (|g| + eps) =
+-g / (1 + |g| / 1e6), i.e. the negative gradient to 1e-7 relative (Megatron's distributed optimizer
+accepts only Adam, so SGD cannot serve here). The reference is computed without
+Megatron's schedule/DDP/optimizer: plain autograd of the MEAN objective over all pairs, on an
+unwrapped TP=2 model. Every layout's full (TP-reassembled) update must equal -reference gradient.
+"""
+
+import math
+
+import pytest
+import torch
+from dist_utils import run_distributed
+from step_helpers import assemble, local_shards, make_samples, set_weights_by_name, snapshot
+
+NUM_PAIRS = 4
+
+
+def _samples():
+    samples = make_samples(NUM_PAIRS, seed=3)
+    for i, sample in enumerate(samples):  # synthetic reference log-probs (DPO needs them)
+        for role in ("short_chosen", "short_rejected", "long_chosen"):
+            sample[f"ref_{role}_logps"] = -5.5 * sum(sample[f"{role}_loss_mask"]) + 0.3 * i
+    return samples
+
+
+def _objective():
+    from megatron_solopo.objectives import ObjectiveConfig
+
+    return ObjectiveConfig(name="dpo", mode="solo", beta=0.5, alpha=2.0)
+
+
+def _build(tp, pp, cp, backend, preset="tiny", virtual_pp=None):
+    from megatron_solopo.model import ModelConfig, get_preset
+    from megatron_solopo.model.builder import build_model_chunks
+    from megatron_solopo.parallel import ParallelConfig, initialize_parallel
+
+    parallel = initialize_parallel(ParallelConfig(tp=tp, pp=pp, cp=cp, virtual_pp=virtual_pp), seed=1)
+    chunks = build_model_chunks(get_preset(preset), parallel, ModelConfig(attention_backend=backend))
+    set_weights_by_name(chunks)
+    return parallel, chunks
+
+
+def _my_samples(samples):
+    from megatron.core import parallel_state
+
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = len(samples) // dp
+    return samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+
+def _train_layout(tp, pp, cp, backend, layout, micro_batch_pairs, distributed_optimizer=False, preset="tiny",
+                  virtual_pp=None):
+    from megatron_solopo.training.batching import collate_microbatches
+    from megatron_solopo.training.optim import build_training_objects
+    from megatron_solopo.training.step import train_step
+
+    parallel, chunks = _build(tp, pp, cp, backend, preset, virtual_pp)
+    chunks, optimizer, scheduler = build_training_objects(
+        chunks, lr=1e6, adam_eps=1e6, total_steps=4, clip_grad=0.0, use_distributed_optimizer=distributed_optimizer)
+    before = snapshot(chunks)
+    microbatches = collate_microbatches(_my_samples(_samples()), _objective(), parallel, layout, micro_batch_pairs)
+    result = train_step(chunks, optimizer, scheduler, microbatches, _objective(), parallel, step_index=0)
+    after = snapshot(chunks)
+    return {"loss": result.loss, "metrics": result.metrics, "num_pairs": result.num_pairs,
+            "num_tokens": result.num_tokens, "lr": result.lr, "n_microbatches": len(microbatches),
+            "update": local_shards(chunks, {k: after[k] - before[k] for k in before})}
+
+
+def _manual_reference():
+    """Mean objective over all pairs, plain autograd on an unwrapped TP=2 model (no schedule/DDP/optimizer)."""
+    from megatron_solopo.model.logprobs import make_output_processor
+    from megatron_solopo.objectives import objective_loss
+    from megatron_solopo.training.batching import collate_microbatches
+
+    parallel, chunks = _build(2, 1, 1, "sdpa")
+    model = chunks[0]
+    microbatches = collate_microbatches(_samples(), _objective(), parallel, "packed", 2)
+    stats: dict[str, list] = {}
+    for mb in microbatches:
+        sums = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params,
+                     output_processor=make_output_processor(), output_processor_context=mb.rows)
+        for key, value in mb.batch_stats(sums).items():
+            stats.setdefault(key, []).append(value)
+    loss, _ = objective_loss(_objective(), {k: torch.cat(v) for k, v in stats.items()}, reduction="mean")
+    loss.backward()
+    grads = {name: -param.grad.detach().clone() for name, param in _named(chunks).items()}
+    return {"loss": float(loss), "update": local_shards(chunks, grads)}
+
+
+def _named(chunks):
+    from step_helpers import global_param_names
+
+    out = {}
+    for chunk in chunks:
+        out.update(global_param_names(chunk))
+    return out
+
+
+def _dpo_anchor_at_cp2():
+    """SoLo-DPO at step 0 with reference == policy: preference term ln 2, SoLo-RA term 0."""
+    from megatron_solopo.objectives import ObjectiveConfig, required_reference_sequences
+    from megatron_solopo.training.batching import collate_microbatches, collate_scoring_microbatches
+    from megatron_solopo.training.optim import build_training_objects
+    from megatron_solopo.training.step import forward_only, train_step
+
+    parallel, chunks = _build(1, 1, 2, "sdpa")
+    chunks, optimizer, scheduler = build_training_objects(chunks, lr=1e-3, total_steps=4)
+    objective = ObjectiveConfig(name="dpo", mode="solo", beta=0.1, alpha=3.0)
+    samples = make_samples(NUM_PAIRS, seed=5)
+    scoring = collate_scoring_microbatches(samples, sorted(required_reference_sequences(objective)), parallel,
+                                           "packed", 3)  # 3 + 1 pairs: a partial last micro-batch
+    reference = forward_only(chunks, scoring, parallel)
+    for sample in samples:
+        for role, value in reference[sample["id"]].items():
+            sample[f"ref_{role}_logps"] = value
+    result = train_step(chunks, optimizer, scheduler, collate_microbatches(samples, objective, parallel, "packed", 2),
+                        objective, parallel, step_index=0)
+    return {"metrics": result.metrics, "loss": result.loss, "reference": reference}
+
+
+def _sequence_parallel_head():
+    """The head with a sequence-parallel output layer equals the plain TP head (values and input grads)."""
+    from megatron.core import parallel_state
+    from megatron.core.tensor_parallel import ColumnParallelLinear
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    from megatron_solopo.model.logprobs import LogprobHeadConfig, response_logprob_sums
+    from megatron_solopo.parallel import ParallelConfig, initialize_parallel
+    from megatron_solopo.training.batching import collate_scoring_microbatches
+
+    roles = ("short_chosen", "short_rejected", "long_chosen")
+    out = {}
+    for sp in (False, True):
+        parallel = initialize_parallel(ParallelConfig(tp=2, sequence_parallel=sp), seed=1)
+        cfg = TransformerConfig(num_layers=1, hidden_size=16, num_attention_heads=2, tensor_model_parallel_size=2,
+                                sequence_parallel=sp, use_cpu_initialization=True, gradient_accumulation_fusion=False)
+        torch.manual_seed(0)
+        layer = ColumnParallelLinear(16, 64, config=cfg, init_method=torch.nn.init.normal_, bias=False,
+                                     gather_output=False)
+        mb = collate_scoring_microbatches(make_samples(3, seed=9), roles, parallel, "packed", 3,
+                                 pad_to_multiple_of=2)[0]  # the same pack with and without SP
+        seq_len = mb.tokens.size(1)
+        hidden_full = torch.randn(seq_len, 1, 16, generator=torch.Generator().manual_seed(1))  # [s, b, h]
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        hidden = hidden_full.chunk(2, dim=0)[tp_rank] if sp else hidden_full
+        hidden = hidden.clone().requires_grad_(True)
+        targets_ok = mb.rows.targets.remainder(64)  # the toy layer has a 64-token vocabulary
+        mb.rows.targets = targets_ok
+        if sp:
+            mb.rows.sp_targets = mb.rows.sp_targets.remainder(64)
+        sums = response_logprob_sums(hidden, layer, mb.rows, head=LogprobHeadConfig(chunk_tokens=4))
+        (sums * torch.arange(1, sums.numel() + 1)).sum().backward()
+        grad = hidden.grad
+        if sp:  # reassemble the sequence-parallel input gradient
+            pieces = [torch.empty_like(grad) for _ in range(2)]
+            torch.distributed.all_gather(pieces, grad, group=parallel_state.get_tensor_model_parallel_group())
+            grad = torch.cat(pieces)
+        out[sp] = {"sums": sums.detach(), "grad": grad, "n_seq": len(roles) * 3}
+    return out
+
+
+def _worker(rank, world_size):
+    import time
+
+    runs = {
+        "reference": _manual_reference,
+        "tp2_mb4x1": lambda: _train_layout(2, 1, 1, "sdpa", "packed", micro_batch_pairs=4),
+        "tp2_mb1x4": lambda: _train_layout(2, 1, 1, "sdpa", "packed", micro_batch_pairs=1),
+        "pp2": lambda: _train_layout(1, 2, 1, "sdpa", "packed", micro_batch_pairs=1),
+        "cp2_packed": lambda: _train_layout(1, 1, 2, "sdpa", "packed", micro_batch_pairs=2),
+        "cp2_padded": lambda: _train_layout(1, 1, 2, "sdpa", "padded", micro_batch_pairs=4),
+        "dp2_local_distopt": lambda: _train_layout(1, 1, 1, "local", "padded", micro_batch_pairs=1,
+                                                   distributed_optimizer=True),
+        # interleaved pipeline (2 stages x 2 virtual chunks) needs 4 layers: compared with TP=2 on the same model
+        "tp2_4layer": lambda: _train_layout(2, 1, 1, "sdpa", "packed", micro_batch_pairs=4, preset="tiny-4layer"),
+        "vpp2_4layer": lambda: _train_layout(1, 2, 1, "sdpa", "packed", micro_batch_pairs=1, preset="tiny-4layer",
+                                             virtual_pp=2),
+        "anchor": _dpo_anchor_at_cp2,
+        "sp_head": _sequence_parallel_head,
+    }
+    results, seconds = {}, {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        results[name] = run()
+        seconds[name] = round(time.perf_counter() - start, 2)
+    results["seconds"] = seconds
+    return results
+
+
+@pytest.fixture(scope="module")
+def group_results():
+    return run_distributed(_worker, 2)
+
+
+LAYOUTS = ["tp2_mb4x1", "tp2_mb1x4", "pp2", "cp2_packed", "cp2_padded", "dp2_local_distopt"]
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_update_equals_minus_mean_loss_gradient(group_results, layout):
+    reference = assemble([r["reference"]["update"] for r in group_results])
+    update = assemble([r[layout]["update"] for r in group_results])
+    assert set(update) == set(reference)
+    for name in reference:
+        torch.testing.assert_close(update[name], reference[name], rtol=2e-4, atol=2e-6, msg=f"{layout}: {name}")
+    assert max(t.abs().max() for t in reference.values()) > 1e-4  # a real gradient, not zeros
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_loss_and_counts_are_global(group_results, layout):
+    expected = group_results[0]["reference"]["loss"]
+    for rank_result in group_results:
+        got = rank_result[layout]
+        assert got["loss"] == pytest.approx(expected, rel=1e-5)
+        assert got["num_pairs"] == NUM_PAIRS
+        assert got["lr"] == 1e6
+    assert len({r[layout]["num_tokens"] for r in group_results}) == 1
+
+
+def test_interleaved_pipeline_equals_tensor_parallel(group_results):
+    reference = assemble([r["tp2_4layer"]["update"] for r in group_results])
+    update = assemble([r["vpp2_4layer"]["update"] for r in group_results])
+    assert set(update) == set(reference) and any("layers.3." in name for name in reference)
+    for name in reference:
+        torch.testing.assert_close(update[name], reference[name], rtol=2e-4, atol=2e-6, msg=name)
+    assert group_results[0]["vpp2_4layer"]["loss"] == pytest.approx(group_results[0]["tp2_4layer"]["loss"], rel=1e-5)
+
+
+def test_micro_batch_count_really_differs(group_results):
+    assert group_results[0]["tp2_mb1x4"]["n_microbatches"] == 4
+    assert group_results[0]["tp2_mb4x1"]["n_microbatches"] == 1
+    assert group_results[0]["dp2_local_distopt"]["n_microbatches"] == 2  # 2 pairs per DP rank
+
+
+def test_solo_dpo_at_policy_equals_reference_is_ln2(group_results):
+    for rank_result in group_results:
+        metrics = rank_result["anchor"]["metrics"]
+        assert metrics["loss/po"] == pytest.approx(math.log(2.0), abs=1e-6)
+        assert metrics["loss/ra"] == pytest.approx(0.0, abs=1e-6)
+        assert metrics["rewards/margin"] == pytest.approx(0.0, abs=1e-6)
+        assert rank_result["anchor"]["loss"] == pytest.approx(math.log(2.0), abs=1e-6)
+    assert group_results[0]["anchor"]["reference"] == group_results[1]["anchor"]["reference"]
+
+
+def test_sequence_parallel_head_matches_tensor_parallel_head(group_results):
+    for rank_result in group_results:
+        plain, sp = rank_result["sp_head"][False], rank_result["sp_head"][True]
+        assert plain["sums"].shape == (plain["n_seq"],)
+        torch.testing.assert_close(sp["sums"], plain["sums"], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(sp["grad"], plain["grad"], rtol=1e-5, atol=1e-6)
+        assert plain["grad"].abs().sum() > 0
+
+
+def test_print_timings(group_results, capsys):
+    with capsys.disabled():
+        print("\nlayout seconds:", group_results[0]["seconds"])
