@@ -7,7 +7,7 @@ from setuptools import find_packages, setup
 INSTALL_REQUIRES = [
     "torch>=2.6",
     "megatron-core>=0.19,<0.20",
-    "transformers>=4.45",
+    "transformers>=4.56",
     "datasets>=2.19",
     "safetensors>=0.4",
     "sentencepiece>=0.2",

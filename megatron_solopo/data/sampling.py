@@ -1,0 +1,334 @@
+"""Sampling N responses per context with the base model: HF transformers, vLLM, or scripted.
+
+Resumable: each finished question is appended (and fsynced) to ``samples.jsonl.partial``; a restart
+skips the ids already there whose sampling settings and prompt are unchanged, so a crash loses at
+most the batch in flight. When every question is done the file is rewritten as ``samples.jsonl``
+(atomically) and the partial file removed. A progress bar (tqdm, with ETA) counts questions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import pathlib
+import random
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+from megatron_solopo.data.records import QAItem, atomic_write
+from megatron_solopo.data.tokenize import prompt_token_ids
+
+__all__ = ["SamplingRequest", "SamplingSettings", "ResponseBackend", "HFBackend", "VLLMBackend", "ScriptedBackend",
+           "make_backend", "vllm_available", "sample_responses"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingRequest:
+    """One question to sample for: its id, the user prompt, and the item (for the scripted backend)."""
+
+    id: str
+    prompt: str
+    item: QAItem | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingSettings:
+    """What changes the samples; hashed so a resumed run reuses only matching samples."""
+
+    num_responses: int
+    temperature: float
+    top_p: float
+    max_new_tokens: int
+    seed: int
+    system_prompt: str | None
+    use_chat_template: bool
+    model_id: str
+    """What sampled (model directory or backend name), recorded and hashed."""
+
+    def key(self, prompt: str) -> str:
+        blob = json.dumps([dataclasses.asdict(self), prompt], sort_keys=True, ensure_ascii=False)
+        return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+class ResponseBackend(Protocol):
+    """Generates `settings.num_responses` responses for each request, in request order."""
+
+    def generate(self, requests: Sequence[SamplingRequest], settings: SamplingSettings, seed: int) -> list[list[str]]:
+        ...
+
+    def requests_per_call(self, settings: SamplingSettings) -> int:
+        ...
+
+
+# ------------------------------------------------------------------------------------------ HF
+def _torch_dtype(name: str, device: str) -> Any:
+    import torch
+
+    if name == "auto":
+        return torch.bfloat16 if device.startswith("cuda") else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+class HFBackend:
+    """Batched sampling with a Hugging Face causal LM (left padding), on CPU or GPU.
+
+    Each prompt is prefilled once and its KV cache repeated for its responses, instead of
+    `generate(num_return_sequences=n)`, which prefills every copy: with n = 32 responses on ~1K-token
+    prompts the prefill is most of the work. Sampling is plain temperature + top-p (the paper's
+    setting), independent of the model's generation_config.
+    """
+
+    def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
+                 tokenizer: Any = None) -> None:
+        import inspect
+
+        import torch
+        import transformers
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = device
+        self.batch_size = batch_size
+        self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_dir)
+        self.model = transformers.AutoModelForCausalLM.from_pretrained(
+            model_dir, dtype=_torch_dtype(dtype, device)).to(device).eval()
+        if self.tokenizer.eos_token_id is None:
+            raise ValueError(f"tokenizer of {model_dir} has no eos_token: sampling could not stop")
+        pad = self.tokenizer.pad_token_id
+        self.pad_id = pad if pad is not None else self.tokenizer.eos_token_id
+        params = inspect.signature(self.model.forward).parameters
+        # only the last position's logits are needed: a [prompts, length, vocab] tensor can be GBs
+        self._last_logits_kw = next(({k: 1} for k in ("logits_to_keep", "num_logits_to_keep") if k in params), {})
+
+    def requests_per_call(self, settings: SamplingSettings) -> int:
+        return max(1, self.batch_size // settings.num_responses)
+
+    def _left_pad(self, ids: list[list[int]]) -> tuple[Any, Any]:
+        import torch
+
+        width = max(len(x) for x in ids)
+        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
+        mask = torch.zeros((len(ids), width), dtype=torch.long)
+        for row, seq in enumerate(ids):
+            input_ids[row, width - len(seq):] = torch.tensor(seq)
+            mask[row, width - len(seq):] = 1
+        return input_ids.to(self.device), mask.to(self.device)
+
+    def sample_token_ids(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,
+                         max_new_tokens: int, generator: Any, greedy: bool = False) -> list[list[list[int]]]:
+        """Token ids of `num_responses` continuations per prompt (EOS excluded), [prompt][response][token]."""
+        import torch
+
+        input_ids, mask = self._left_pad(prompts)  # [P, L]
+        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+        eos = self.tokenizer.eos_token_id
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, attention_mask=mask, position_ids=position_ids, use_cache=True,
+                             **self._last_logits_kw)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(num_responses)  # [P, ...] -> [P * n, ...], prompt-major
+            logits = out.logits[:, -1, :].float().repeat_interleave(num_responses, dim=0)  # [P * n, V]
+            mask = mask.repeat_interleave(num_responses, dim=0)
+            next_pos = position_ids[:, -1:].repeat_interleave(num_responses, dim=0) + 1  # [P * n, 1]
+            finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+            steps = []
+            for _ in range(max_new_tokens):
+                token = logits.argmax(-1) if greedy else _sample(logits, temperature, top_p, generator)
+                token = torch.where(finished, torch.full_like(token, self.pad_id), token)
+                steps.append(token)
+                finished |= token == eos
+                if bool(finished.all()):
+                    break
+                mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+                out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
+                                 past_key_values=cache, use_cache=True)
+                cache, logits = out.past_key_values, out.logits[:, -1, :].float()
+                next_pos = next_pos + 1
+        tokens = torch.stack(steps, dim=1).tolist()  # [P * n, steps]
+        responses = [seq[: seq.index(eos)] if eos in seq else seq for seq in tokens]
+        return [responses[p * num_responses:(p + 1) * num_responses] for p in range(len(prompts))]
+
+    def generate(self, requests: Sequence[SamplingRequest], settings: SamplingSettings, seed: int) -> list[list[str]]:
+        import torch
+
+        prompts = [prompt_token_ids(self.tokenizer, r.prompt, settings.system_prompt, settings.use_chat_template)
+                   for r in requests]
+        generator = torch.Generator(device=self.device)
+        generator.manual_seed(seed)
+        out: list[list[str]] = [[] for _ in requests]
+        # more responses than fit in one batch: several rounds per prompt
+        per_round = min(settings.num_responses, self.batch_size)
+        while len(out[0]) < settings.num_responses:
+            n = min(per_round, settings.num_responses - len(out[0]))
+            ids = self.sample_token_ids(prompts, n, settings.temperature, settings.top_p, settings.max_new_tokens,
+                                        generator)
+            for i, responses in enumerate(ids):
+                out[i].extend(t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True))
+        return out
+
+
+def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
+    """One token per row from softmax(logits / temperature), restricted to the top-p nucleus."""
+    import torch
+
+    probs = torch.softmax(logits / temperature, dim=-1)  # [B, V]
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(dim=-1, descending=True)
+        # drop a token when the tokens ranked above it already hold top_p of the mass (the top one stays):
+        # the smallest set whose mass reaches top_p, as in transformers' TopPLogitsWarper
+        drop = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
+# ------------------------------------------------------------------------------------------ vLLM
+def vllm_available() -> bool:
+    """vLLM importable and a CUDA device present."""
+    try:
+        import torch
+        import vllm  # noqa: F401
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+class VLLMBackend:
+    """Sampling with vLLM (GPU): n responses per prompt in one request, prompts as token ids."""
+
+    def __init__(self, model_dir: str, dtype: str = "auto", tokenizer: Any = None, batch_size: int = 32) -> None:
+        import transformers
+        import vllm
+
+        self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_dir)
+        vllm_dtype = {"auto": "auto", "fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}[dtype]
+        self.llm = vllm.LLM(model=model_dir, dtype=vllm_dtype)
+        self.batch_size = batch_size
+        self._vllm = vllm
+
+    def requests_per_call(self, settings: SamplingSettings) -> int:
+        # vLLM schedules its own batches; bigger calls only mean coarser resume points
+        return max(1, self.batch_size // settings.num_responses) * 8
+
+    def generate(self, requests: Sequence[SamplingRequest], settings: SamplingSettings, seed: int) -> list[list[str]]:
+        params = self._vllm.SamplingParams(n=settings.num_responses, temperature=settings.temperature,
+                                           top_p=settings.top_p, max_tokens=settings.max_new_tokens, seed=seed)
+        prompts = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, r.prompt, settings.system_prompt,
+                                                         settings.use_chat_template)} for r in requests]
+        outputs = self.llm.generate(prompts, params, use_tqdm=False)
+        return [[o.text.strip() for o in out.outputs] for out in outputs]
+
+
+# ------------------------------------------------------------------------------------------ scripted
+class ScriptedBackend:
+    """Responses written from synthetic items' bridge facts (demos and tests, not training data)."""
+
+    def requests_per_call(self, settings: SamplingSettings) -> int:
+        return 64
+
+    def generate(self, requests: Sequence[SamplingRequest], settings: SamplingSettings, seed: int) -> list[list[str]]:
+        from megatron_solopo.data.synthetic import scripted_responses
+
+        out = []
+        for r in requests:
+            if r.item is None:
+                raise ValueError(f"scripted sampling needs the QA item of request {r.id!r}")
+            # seeded per question, not per call: the responses do not depend on how questions are batched
+            out.append(scripted_responses(r.item, settings.num_responses, random.Random(f"{settings.seed}:{r.id}")))
+        return out
+
+
+def make_backend(name: str, model_dir: str | None, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
+                 tokenizer: Any = None) -> ResponseBackend:
+    """Backend by name; 'auto' = vllm when importable with CUDA, else hf."""
+    if name == "auto":
+        name = "vllm" if vllm_available() else "hf"
+    if name == "scripted":
+        return ScriptedBackend()
+    if model_dir is None:
+        raise ValueError(f"sampling backend {name} needs a model directory (data.sampling_model)")
+    if name == "hf":
+        return HFBackend(model_dir, device, dtype, batch_size, tokenizer)
+    if name == "vllm":
+        try:
+            import vllm  # noqa: F401
+        except ImportError:
+            raise ValueError("data.sampling_backend=vllm but vllm is not installed: pip install vllm, or use "
+                             "data.sampling_backend=hf") from None
+        return VLLMBackend(model_dir, dtype, tokenizer, batch_size)
+    raise ValueError(f"unknown sampling backend {name!r}")
+
+
+# ------------------------------------------------------------------------------------------ driver
+def _read_partial(path: pathlib.Path) -> list[dict[str, Any]]:
+    """Lines of a samples file; a torn last line (crash mid-write) is dropped and the file repaired."""
+    if not path.is_file():
+        return []
+    lines = path.read_text(encoding="utf-8").splitlines(keepends=True)
+    rows = []
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if lineno == len(lines):
+                logger.warning("%s: dropping a torn last line (interrupted write); it will be resampled", path)
+                path.write_text("".join(lines[:-1]), encoding="utf-8")
+                break
+            raise ValueError(f"{path}:{lineno}: malformed JSON in the middle of a samples file; delete the file "
+                             "to resample from scratch") from None
+    return rows
+
+
+def _call_seed(seed: int, ids: Sequence[str]) -> int:
+    return int.from_bytes(hashlib.sha256(f"{seed}:{ids[0]}:{len(ids)}".encode()).digest()[:4], "little")
+
+
+def sample_responses(requests: Sequence[SamplingRequest], backend: ResponseBackend, settings: SamplingSettings,
+                     samples_path: str | os.PathLike, progress: bool = True,
+                     on_call: Callable[[int], None] | None = None) -> dict[str, list[str]]:
+    """Responses per request id, sampling only what `samples_path` (or its .partial) does not hold yet.
+
+    Returns {id: [response, ...]} for every request. `on_call(n)` is called after each backend call
+    with the number of questions it sampled (tests count calls with it).
+    """
+    from tqdm.auto import tqdm
+
+    final = pathlib.Path(samples_path)
+    partial = final.with_name(final.name + ".partial")
+    keys = {r.id: settings.key(r.prompt) for r in requests}
+    done: dict[str, list[str]] = {}
+    for row in _read_partial(final) + _read_partial(partial):
+        if keys.get(row.get("id")) == row.get("key") and len(row.get("responses", [])) == settings.num_responses:
+            done[row["id"]] = row["responses"]
+    pending = [r for r in requests if r.id not in done]
+    if pending:
+        logger.info("sampling %d questions (%d already done) x %d responses", len(pending), len(done),
+                    settings.num_responses)
+        partial.parent.mkdir(parents=True, exist_ok=True)
+        per_call = backend.requests_per_call(settings)
+        with open(partial, "a", encoding="utf-8") as sink, tqdm(
+                total=len(requests), initial=len(done), unit="q", desc="sampling", disable=not progress) as bar:
+            for start in range(0, len(pending), per_call):
+                chunk = pending[start:start + per_call]
+                outputs = backend.generate(chunk, settings, _call_seed(settings.seed, [r.id for r in chunk]))
+                for request, responses in zip(chunk, outputs, strict=True):
+                    done[request.id] = responses
+                    sink.write(json.dumps({"id": request.id, "key": keys[request.id], "responses": responses},
+                                          ensure_ascii=False) + "\n")
+                sink.flush()
+                os.fsync(sink.fileno())
+                bar.update(len(chunk))
+                if on_call is not None:
+                    on_call(len(chunk))
+    with atomic_write(final) as f:
+        for r in requests:
+            f.write(json.dumps({"id": r.id, "key": keys[r.id], "responses": done[r.id]}, ensure_ascii=False) + "\n")
+    partial.unlink(missing_ok=True)
+    return {r.id: done[r.id] for r in requests}

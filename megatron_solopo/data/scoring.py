@@ -1,0 +1,123 @@
+"""Answer scoring: final-answer extraction, SQuAD-style normalization, sub-EM, EM and token F1.
+
+The paper picks chosen/rejected responses by sub-EM against the gold answers (a gold answer or alias
+contained in the prediction). Responses are chain-of-thought; the prediction scored is the final
+answer extracted from the last ``Answer: ...`` line, so a correct entity mentioned only in the
+reasoning (e.g. a rejected bridge entity) does not count as correct.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import re
+import string
+from collections.abc import Sequence
+
+__all__ = [
+    "DEFAULT_ANSWER_REGEX",
+    "normalize_answer",
+    "extract_final_answer",
+    "exact_match",
+    "sub_exact_match",
+    "token_f1",
+    "ResponseScore",
+    "score_response",
+    "is_no_answer",
+]
+
+DEFAULT_ANSWER_REGEX = r"answer\s*(?:is)?\s*[:：]\s*(.+)"
+"""Matches ``Answer: X`` (case-insensitive); the last match in a response is its final answer."""
+
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—"}
+# phrases that mean "the model declined to answer"; matched on the normalized final answer
+_NO_ANSWER_PATTERNS = re.compile(
+    r"\b(no answer|unknown|not (?:mentioned|stated|given|provided|specified|known|available)|"
+    r"cannot be determined|can not be determined|can t be determined|unanswerable|"
+    r"i do not know|i don t know|insufficient information|not enough information|none)\b")
+
+
+def normalize_answer(text: str) -> str:
+    """SQuAD normalization: lower case, drop punctuation and articles (a/an/the), squeeze spaces."""
+    text = text.lower()
+    text = "".join(" " if ch in _PUNCT else ch for ch in text)
+    text = _ARTICLES.sub(" ", text)
+    return " ".join(text.split())
+
+
+def extract_final_answer(response: str, answer_regex: str = DEFAULT_ANSWER_REGEX) -> str | None:
+    """The text captured by the last match of `answer_regex` (group 1), stripped; None if no match.
+
+    Markdown emphasis (``**Answer:** X``), surrounding quotes and a trailing period are removed.
+    """
+    matches = list(re.finditer(answer_regex, response, flags=re.IGNORECASE))
+    if not matches:
+        return None
+    return matches[-1].group(1).strip().strip("*_`\"'“”‘’ ").rstrip(".").strip("\"'“”‘’ ")
+
+
+def exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if the normalized prediction equals a normalized gold answer, else 0.0."""
+    pred = normalize_answer(prediction)
+    return float(any(pred == normalize_answer(gold) for gold in golds))
+
+
+def sub_exact_match(prediction: str, golds: Sequence[str]) -> float:
+    """1.0 if a normalized gold answer occurs in the normalized prediction on word boundaries.
+
+    Word boundaries keep ``1960`` from matching inside ``19601``; an empty normalized gold never
+    matches (otherwise every prediction would).
+    """
+    pred = f" {normalize_answer(prediction)} "
+    for gold in golds:
+        norm = normalize_answer(gold)
+        if norm and f" {norm} " in pred:
+            return 1.0
+    return 0.0
+
+
+def token_f1(prediction: str, golds: Sequence[str]) -> float:
+    """SQuAD token F1 between normalized prediction and each gold; the best over golds."""
+    pred_tokens = normalize_answer(prediction).split()
+    best = 0.0
+    for gold in golds:
+        gold_tokens = normalize_answer(gold).split()
+        common = collections.Counter(pred_tokens) & collections.Counter(gold_tokens)
+        overlap = sum(common.values())
+        if overlap == 0:
+            continue
+        precision = overlap / len(pred_tokens)
+        recall = overlap / len(gold_tokens)
+        best = max(best, 2 * precision * recall / (precision + recall))
+    return best
+
+
+def is_no_answer(final_answer: str | None) -> bool:
+    """True for a missing final answer or a refusal such as "not mentioned" / "unknown"."""
+    if final_answer is None:
+        return True
+    norm = normalize_answer(final_answer)
+    return not norm or bool(_NO_ANSWER_PATTERNS.search(norm))
+
+
+@dataclasses.dataclass(frozen=True)
+class ResponseScore:
+    """Scores of one sampled response against the gold answers."""
+
+    final_answer: str | None
+    """Extracted final answer (None when the response has no ``Answer:`` line)."""
+    sub_em: float
+    em: float
+    f1: float
+    no_answer: bool
+    """The response declined to answer or gave no parseable final answer."""
+
+
+def score_response(response: str, golds: Sequence[str], answer_regex: str = DEFAULT_ANSWER_REGEX) -> ResponseScore:
+    """Extracts the final answer and scores it; a response with no final answer scores 0."""
+    final = extract_final_answer(response, answer_regex)
+    if final is None:
+        return ResponseScore(None, 0.0, 0.0, 0.0, True)
+    return ResponseScore(final, sub_exact_match(final, golds), exact_match(final, golds),
+                         token_f1(final, golds), is_no_answer(final))

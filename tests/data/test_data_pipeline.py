@@ -1,0 +1,172 @@
+"""Sampling (HF generate on a tiny random Llama, resume after a crash) and the whole build-data pipeline."""
+
+import json
+
+import pytest
+
+from megatron_solopo.data.config import DataConfig
+from megatron_solopo.data.pipeline import build_data
+from megatron_solopo.data.records import read_pair_records
+from megatron_solopo.data.sampling import (HFBackend, SamplingRequest, SamplingSettings, ScriptedBackend,
+                                           sample_responses)
+from megatron_solopo.data.scoring import score_response
+from megatron_solopo.data.tokenize import load_tokenized_pairs
+
+
+def _settings(n=3, seed=0, model_id="tiny"):
+    return SamplingSettings(num_responses=n, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=seed,
+                            system_prompt=None, use_chat_template=True, model_id=model_id)
+
+
+REQUESTS = [SamplingRequest(f"q{i}", f"Question number {i}: who wrote the book?") for i in range(3)]
+
+
+@pytest.fixture(scope="module")
+def hf_backend(tiny_model_dir):
+    return HFBackend(tiny_model_dir, device="cpu", dtype="fp32", batch_size=4)
+
+
+def test_hf_backend_batches_and_rounds(hf_backend):
+    settings = _settings(n=3)
+    out = hf_backend.generate(REQUESTS, settings, seed=1)
+    assert [len(r) for r in out] == [3, 3, 3] and all(isinstance(t, str) for r in out for t in r)
+    assert out == hf_backend.generate(REQUESTS, settings, seed=1)  # seeded: reproducible
+    assert hf_backend.requests_per_call(settings) == 1  # 4 sequences per call / 3 responses
+    # more responses than the batch holds: several rounds per prompt
+    assert [len(r) for r in hf_backend.generate(REQUESTS[:1], _settings(n=5), seed=2)] == [5]
+
+
+def test_shared_prefix_sampling_matches_generate(hf_backend):
+    """Greedy decoding through the prefill-once path gives generate()'s tokens, for left-padded prompts."""
+    import torch
+
+    prompts = [hf_backend.tokenizer(f"prompt {'word ' * k}end", add_special_tokens=False)["input_ids"]
+               for k in (1, 7, 3)]
+    ours = hf_backend.sample_token_ids(prompts, 2, 1.0, 1.0, 8, None, greedy=True)
+    input_ids, mask = hf_backend._left_pad(prompts)
+    reference = hf_backend.model.generate(input_ids=input_ids, attention_mask=mask, do_sample=False, max_new_tokens=8,
+                                          pad_token_id=hf_backend.pad_id,
+                                          eos_token_id=hf_backend.tokenizer.eos_token_id)
+    eos = hf_backend.tokenizer.eos_token_id
+    for p, row in enumerate(reference[:, input_ids.shape[1]:].tolist()):
+        expected = row[: row.index(eos)] if eos in row else row
+        assert ours[p] == [expected, expected]  # both copies of the prompt, same greedy continuation
+    assert len(set(map(len, prompts))) == 3 and torch.is_tensor(reference)
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    import torch
+
+    from megatron_solopo.data.sampling import _sample
+
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.2]])).repeat(4000, 1)
+    generator = torch.Generator().manual_seed(0)
+    counts = torch.bincount(_sample(logits, 1.0, 0.6, generator), minlength=3).tolist()
+    assert counts[2] == 0 and abs(counts[0] / 4000 - 0.5 / 0.8) < 0.03
+    counts = torch.bincount(_sample(logits, 1.0, 0.5, generator), minlength=3).tolist()
+    assert counts == [4000, 0, 0]  # 0.5 alone reaches top_p = 0.5
+    counts = torch.bincount(_sample(logits, 1.0, 1.0, generator), minlength=3).tolist()
+    assert abs(counts[2] / 4000 - 0.2) < 0.03
+
+
+def test_sampling_resumes_after_a_crash(hf_backend, tmp_path):
+    path = tmp_path / "samples.jsonl"
+    calls = []
+    settings = _settings()
+    sample_responses(REQUESTS[:2], hf_backend, settings, path, progress=False, on_call=calls.append)
+    assert calls == [1, 1]
+    # simulate a crash after q0 was written and while q1 was being written
+    lines = path.read_text(encoding="utf-8").splitlines()
+    path.unlink()
+    partial = tmp_path / "samples.jsonl.partial"
+    partial.write_text(lines[0] + "\n" + lines[1][: len(lines[1]) // 2], encoding="utf-8")
+    calls.clear()
+    out = sample_responses(REQUESTS, hf_backend, settings, path, progress=False, on_call=calls.append)
+    assert calls == [1, 1]  # q1 (torn) and q2 resampled, q0 reused
+    assert out["q0"] == json.loads(lines[0])["responses"]
+    assert not partial.exists()
+    rows = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+    assert [r["id"] for r in rows] == ["q0", "q1", "q2"]
+    # everything present: nothing sampled; changed settings: everything resampled
+    calls.clear()
+    assert sample_responses(REQUESTS, hf_backend, settings, path, progress=False, on_call=calls.append) == out
+    assert calls == []
+    sample_responses(REQUESTS, hf_backend, _settings(model_id="other"), path, progress=False, on_call=calls.append)
+    assert calls == [1, 1, 1]
+
+
+def _pipeline_config(tmp_path, **changes):
+    base = dict(source="synthetic", synthetic_num_items=24, long_target_tokens=[800, 1200], num_responses=6,
+                sampling_backend="scripted", output_dir=str(tmp_path / "out"), cache_dir=str(tmp_path / "cache"))
+    return DataConfig(**{**base, **changes})
+
+
+def test_build_data_end_to_end_scripted(tiny_tokenizer, tmp_path):
+    config = _pipeline_config(tmp_path)
+    summary = build_data(config, tiny_tokenizer, ScriptedBackend(), "scripted", progress=False)
+    counts = summary["counts"]
+    records = read_pair_records(config.resolved_pairs_path)  # validates every record
+    assert counts["pairs_written"] == len(records) > 0
+    assert counts["items_read"] == 24
+    assert counts["pairs_written"] + sum(counts["pairs_dropped"].values()) == counts["sampled_questions"]
+    for record in records:
+        assert score_response(record["chosen"], record["answers"]).sub_em == 1.0
+        assert score_response(record["rejected"], record["answers"]).sub_em == 0.0
+        assert record["meta"]["long_target_tokens"] in (800, 1200)
+        assert abs(record["meta"]["long_tokens"] - record["meta"]["long_target_tokens"]) <= 0.05 * 1200
+        assert record["meta"]["short_tokens"] < record["meta"]["long_tokens"]
+    for name in ("summary.json", "summary.png", "samples.jsonl"):
+        assert (tmp_path / "out" / name).stat().st_size > 0
+    assert json.loads((tmp_path / "out" / "summary.json").read_text())["counts"] == counts
+    assert (tmp_path / "out" / "summary.png").read_bytes()[:4] == b"\x89PNG"
+    # same config -> identical pairs (sampling is reused from samples.jsonl, contexts are seeded)
+    first = (tmp_path / "out" / "pairs.jsonl").read_text()
+    build_data(config, tiny_tokenizer, ScriptedBackend(), "scripted", progress=False)
+    assert (tmp_path / "out" / "pairs.jsonl").read_text() == first
+    dataset = load_tokenized_pairs(config.resolved_pairs_path, tiny_tokenizer, config)
+    assert len(dataset) == len(records)
+
+
+def test_build_data_counts_context_skips(tiny_tokenizer, tmp_path):
+    config = _pipeline_config(tmp_path, short_max_tokens=380, synthetic_num_items=12)
+    summary = build_data(config, tiny_tokenizer, ScriptedBackend(), "scripted", progress=False)
+    skipped = summary["counts"]["context_skipped"]
+    assert skipped.get("short_context_over_budget", 0) > 0
+    assert summary["counts"]["sampled_questions"] == 12 - sum(skipped.values())
+
+
+def test_build_data_with_hf_sampling(tiny_tokenizer, hf_backend, tmp_path):
+    """The tiny random model almost never answers correctly: every question is dropped as no_correct."""
+    config = _pipeline_config(tmp_path, synthetic_num_items=2, num_responses=2, sampling_backend="hf",
+                              max_new_tokens=4, long_target_tokens=[600])
+    with pytest.raises(ValueError, match=r"no preference pair: every question was dropped \(\{'no_correct': 2\}\)"):
+        build_data(config, tiny_tokenizer, hf_backend, "tiny", progress=False)
+    rows = (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
+    assert len(rows) == 2  # the samples survive for inspection and reuse
+
+
+def test_build_data_command(tiny_model_dir, tmp_path, capsys):
+    config_module = pytest.importorskip("megatron_solopo.config")
+    try:
+        config_module.experiment_config_class()
+    except ImportError as err:
+        pytest.skip(f"experiment config incomplete: {err}")
+    import argparse
+
+    from megatron_solopo.data import commands
+
+    yaml_path = tmp_path / "data.yaml"
+    yaml_path.write_text(
+        "data:\n  source: synthetic\n  synthetic_num_items: 10\n  num_responses: 4\n  sampling_backend: scripted\n"
+        f"  sampling_model: {tiny_model_dir}\n  long_target_tokens: [700]\n"
+        f"  output_dir: {tmp_path / 'out'}\n  cache_dir: {tmp_path / 'cache'}\n", encoding="utf-8")
+    parser = argparse.ArgumentParser()
+    commands.add_arguments(parser)
+    args = parser.parse_args(["--config", str(yaml_path), "--no-progress", "data.synthetic_num_items=12"])
+    assert commands.run(args) == 0
+    out = capsys.readouterr().out
+    assert "pairs:" in out and "from 12 questions" in out
+    assert list((tmp_path / "cache").glob("tokenized-*/data.arrow"))
+    bad = parser.parse_args(["--config", str(yaml_path), "data.pair_strategy=best"])
+    assert commands.run(bad) == 2
+    assert "pair_strategy" in capsys.readouterr().err
