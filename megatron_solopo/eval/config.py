@@ -1,0 +1,147 @@
+"""The `eval` section of an experiment config: which suites, lengths, depths, and how to generate.
+
+Prompts are rendered with the experiment's `data` section (document template, prompt template, system
+prompt, chat template, answer regex) so that evaluation asks questions in the format the model was
+trained on. See docs/evaluation.md for the suites and the report schema.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+__all__ = ["EvalConfig", "SUITES", "SYNTHETIC_SUITES", "LONG_SUITES", "DEPTH_SUITES", "BACKENDS",
+           "MEGATRON_DECODE", "ANSWER_EXTRACTION", "DTYPES"]
+
+SUITES = {
+    "multihop": "synthetic multi-hop QA; the supporting documents as one block at each depth, at each length",
+    "niah_single": "NIAH-Plus single-document QA: a one-hop question, its one document at each depth and length",
+    "niah_multi": "NIAH-Plus multi-document QA: multi-hop, the supporting documents scattered at random slots",
+    "short": "short-context regression check: the multihop questions with their evidence only (no distractors)",
+    "jsonl": "QA rows from JSONL/Parquet files (generic format; e.g. LongBench / RULER QA exports), as given",
+}
+SYNTHETIC_SUITES = ("multihop", "niah_single", "niah_multi", "short")
+LONG_SUITES = ("multihop", "niah_single", "niah_multi")
+"""Suites evaluated at every configured context length."""
+DEPTH_SUITES = ("multihop", "niah_single")
+"""Suites evaluated at every configured evidence depth (niah_multi places documents at random)."""
+BACKENDS = ("hf", "megatron")
+MEGATRON_DECODE = ("auto", "engine", "static_kv", "recompute")
+ANSWER_EXTRACTION = ("final_answer", "whole_response")
+DTYPES = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclasses.dataclass
+class EvalConfig:
+    """What `solopo eval` measures and how it generates (greedy decoding, batched)."""
+
+    suites: list[str] = dataclasses.field(default_factory=lambda: ["multihop", "short"])
+    """Suites to run: multihop | niah_single | niah_multi | short | jsonl (docs/evaluation.md)."""
+    context_lengths: list[int] = dataclasses.field(default_factory=lambda: [1024, 4096, 8192, 16384])
+    """Target prompt lengths in tokens of the model's tokenizer for the long suites (each item is
+    evaluated at each length). For the jsonl suite they are the buckets of the per-length table."""
+    depths: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
+    """Evidence depths in [0, 1] for multihop and niah_single: the fraction of distractor tokens
+    placed before the evidence block (0 = evidence first, 1 = evidence last, before the question)."""
+    num_samples: int = 10
+    """Questions per synthetic suite; each is evaluated in every (length, depth) cell, so a suite
+    costs num_samples x len(context_lengths) x len(depths) generations (short: num_samples)."""
+    num_hops: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
+    """Inclusive [min, max] bridge facts per question for multihop, niah_multi and short
+    (niah_single always asks one-hop questions). niah_multi needs min >= 2."""
+    length_tolerance: float = 0.05
+    """Accepted relative distance between a long prompt's length and its target length."""
+    jsonl_paths: list[str] = dataclasses.field(default_factory=list)
+    """Files for the jsonl suite (generic QA rows: question, answers, supporting_docs and optional
+    distractor_docs, rendered in that order). Required iff "jsonl" is in suites."""
+    jsonl_max_items: int | None = None
+    """Use only the first N rows of each jsonl file (null: all)."""
+    max_new_tokens: int = 128
+    """Longest generated answer in tokens (greedy decoding stops earlier at EOS)."""
+    batch_size: int = 4
+    """Prompts per generation batch (prompts are sorted by length so batches waste little padding)."""
+    backend: str = "hf"
+    """hf: transformers generate with KV cache on a HF checkpoint (a Megatron checkpoint is first
+    exported to HF in a temporary directory) | megatron: the Megatron-Core GPTModel itself."""
+    megatron_decode: str = "auto"
+    """backend=megatron: engine (Megatron-Core's static inference engine; CUDA only) | static_kv
+    (our loop with Megatron's StaticInferenceContext KV cache) | recompute (our loop, whole prefix
+    recomputed per token; works with any attention) | auto (engine on CUDA, else static_kv when a
+    probe shows cached logits equal recomputed ones, else recompute). Must stay auto for hf."""
+    device: str = "auto"
+    """auto (cuda if available) | cpu | cuda | cuda:N."""
+    dtype: str = "auto"
+    """Weights/compute dtype: auto (bf16 on CUDA, fp32 on CPU) | fp32 | bf16 | fp16."""
+    answer_extraction: str = "final_answer"
+    """What is scored: final_answer (the last match of data.answer_regex, as in pair building; a
+    response without one scores 0) | whole_response (the full generated text; for direct-answer
+    prompts such as LongBench's)."""
+    seed: int = 0
+    """Seed of the synthetic eval items (entity namespace "eval", disjoint from training) and of
+    distractor order. Same config + seed -> same prompts."""
+    output_dir: str = "outputs/eval"
+    """Where report.json, report.md, accuracy_vs_length.png and depth_heatmap.png are written."""
+    label: str | None = None
+    """Name of the evaluated model in reports and comparison tables (null: the directory name)."""
+
+    def __post_init__(self) -> None:
+        self._check_choices()
+        self._check_suites()
+        self._check_numbers()
+
+    def _check_choices(self) -> None:
+        for name, allowed in (("backend", BACKENDS), ("megatron_decode", MEGATRON_DECODE),
+                              ("answer_extraction", ANSWER_EXTRACTION), ("dtype", DTYPES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"eval.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
+            raise ValueError(f"eval.device={self.device!r}: use auto, cpu, cuda or cuda:N")
+        if self.backend == "hf" and self.megatron_decode != "auto":
+            raise ValueError(f"eval.megatron_decode={self.megatron_decode!r} only applies to eval.backend=megatron; "
+                             "remove it or set eval.backend=megatron")
+
+    def _check_suites(self) -> None:
+        if not self.suites:
+            raise ValueError(f"eval.suites is empty; choose from {', '.join(SUITES)}")
+        unknown = [s for s in self.suites if s not in SUITES]
+        if unknown:
+            raise ValueError(f"eval.suites has unknown suite(s) {unknown}; choose from {', '.join(SUITES)}")
+        if len(set(self.suites)) != len(self.suites):
+            raise ValueError(f"eval.suites lists a suite twice: {self.suites}")
+        if ("jsonl" in self.suites) != bool(self.jsonl_paths):
+            raise ValueError("eval.jsonl_paths must be given exactly when eval.suites contains 'jsonl' "
+                             f"(suites={self.suites}, jsonl_paths={self.jsonl_paths})")
+        if self.jsonl_max_items is not None and "jsonl" not in self.suites:
+            raise ValueError("eval.jsonl_max_items is set but the jsonl suite is not in eval.suites; remove it")
+        if self.jsonl_max_items is not None and self.jsonl_max_items < 1:
+            raise ValueError("eval.jsonl_max_items must be >= 1 or null (all rows)")
+
+    def _check_numbers(self) -> None:
+        for name in ("num_samples", "max_new_tokens", "batch_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"eval.{name} must be a positive integer, got {value!r}")
+        if not self.context_lengths or any(n < 16 for n in self.context_lengths):
+            raise ValueError(f"eval.context_lengths={self.context_lengths!r} must be a non-empty list of token "
+                             "counts >= 16")
+        if sorted(set(self.context_lengths)) != list(self.context_lengths):
+            raise ValueError(f"eval.context_lengths={self.context_lengths!r} must be increasing without repeats")
+        if not self.depths or any(not 0.0 <= d <= 1.0 for d in self.depths):
+            raise ValueError(f"eval.depths={self.depths!r} must be a non-empty list of values in [0, 1]")
+        if len(set(self.depths)) != len(self.depths):
+            raise ValueError(f"eval.depths={self.depths!r} lists a depth twice")
+        hops = self.num_hops
+        if len(hops) != 2 or not 1 <= hops[0] <= hops[1]:
+            raise ValueError(f"eval.num_hops={hops!r} must be [min, max] with 1 <= min <= max")
+        if "niah_multi" in self.suites and hops[0] < 2:
+            raise ValueError("eval.suites has niah_multi (multi-document questions) but eval.num_hops starts "
+                             f"at {hops[0]}; set eval.num_hops=[2, {max(2, hops[1])}]")
+        if not 0.0 < self.length_tolerance < 1.0:
+            raise ValueError("eval.length_tolerance must be in (0, 1), e.g. 0.05 for 5%")
+        if not self.output_dir:
+            raise ValueError("eval.output_dir must name a directory")
+
+    @property
+    def long_suites(self) -> list[str]:
+        """The configured suites that run at every context length."""
+        return [s for s in self.suites if s in LONG_SUITES]
