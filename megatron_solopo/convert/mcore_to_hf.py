@@ -65,8 +65,10 @@ def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, preset: ModelPreset,
     model_config = ModelConfig(checkpoint=str(ckpt_dir), params_dtype=params_dtype,
                                attention_backend=attention_backend)
     model = build_gpt_model(preset, parallel, model_config, initialize_weights=False)
-    state = dist_checkpointing.load(model.sharded_state_dict(), str(ckpt_dir))
-    model.load_state_dict(state)
+    sharded = model.sharded_state_dict()
+    state = dist_checkpointing.load(sharded, str(ckpt_dir))
+    # a training checkpoint also carries optimizer / train-state entries in its common state
+    model.load_state_dict({key: value for key, value in state.items() if key in sharded})
     return model
 
 

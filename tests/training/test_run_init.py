@@ -75,6 +75,12 @@ def _worker(rank: int, world_size: int, tmp: str):
                      (("hf", from_hf), ("mcore", from_mcore), ("trained", from_trained))}
     out["trained_marker"] = json.loads((trained / "solopo_checkpoint.json").read_text())
     out["trained_assets"] = sorted(p.name for p in (trained / "hf_assets").iterdir())
+    # a training checkpoint exports back to HF (its common state also holds optimizer/train state)
+    from megatron_solopo.convert import convert_mcore_to_hf
+
+    convert_mcore_to_hf(trained, tmp / "exported", dtype="fp32", log=lambda *a: None)
+    out["export_logps"] = _hf_response_logps(tmp / "exported", row["long_chosen_input_ids"],
+                                             row["long_chosen_loss_mask"])
     return out
 
 
@@ -99,3 +105,9 @@ def test_training_checkpoint_is_a_model_checkpoint(result):
     assert {"config.json", "tokenizer.json"} <= set(result["trained_assets"])
     # the run from the trained weights continued from them: its loss is not the HF model's first loss
     assert result["losses"]["trained"] != pytest.approx(result["losses"]["hf"], rel=1e-6)
+
+
+def test_training_checkpoint_exports_to_hf(result):
+    # the exported model is the trained one: readable by transformers and no longer the initial model
+    assert result["export_logps"] < 0
+    assert result["export_logps"] != pytest.approx(result["ref_hf"], rel=1e-6)
