@@ -66,6 +66,20 @@ class ResponseBackend(Protocol):
 
 
 # ------------------------------------------------------------------------------------------ HF
+def left_pad(ids: Sequence[Sequence[int]], pad_id: int) -> tuple[Any, Any]:
+    """[n, width] input ids and attention mask, each prompt right-aligned (left padding), so that
+    tokens generated for every prompt line up in the same columns."""
+    import torch
+
+    width = max(len(x) for x in ids)
+    input_ids = torch.full((len(ids), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(ids), width), dtype=torch.long)
+    for row, seq in enumerate(ids):
+        input_ids[row, width - len(seq):] = torch.tensor(list(seq), dtype=torch.long)
+        mask[row, width - len(seq):] = 1
+    return input_ids, mask
+
+
 def _torch_dtype(name: str, device: str) -> Any:
     import torch
 
@@ -109,14 +123,7 @@ class HFBackend:
         return max(1, self.batch_size // settings.num_responses)
 
     def _left_pad(self, ids: list[list[int]]) -> tuple[Any, Any]:
-        import torch
-
-        width = max(len(x) for x in ids)
-        input_ids = torch.full((len(ids), width), self.pad_id, dtype=torch.long)
-        mask = torch.zeros((len(ids), width), dtype=torch.long)
-        for row, seq in enumerate(ids):
-            input_ids[row, width - len(seq):] = torch.tensor(seq)
-            mask[row, width - len(seq):] = 1
+        input_ids, mask = left_pad(ids, self.pad_id)
         return input_ids.to(self.device), mask.to(self.device)
 
     def sample_token_ids(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,

@@ -168,18 +168,14 @@ class HFGenerator(Generator):
     def generate_batch(self, prompts: list[list[int]]) -> list[list[int]]:
         from transformers import GenerationConfig
 
-        width = max(len(p) for p in prompts)
-        # left padding: every prompt ends at the same column, so generated tokens line up
-        input_ids = torch.full((len(prompts), width), self.pad_id, dtype=torch.long)
-        attention_mask = torch.zeros((len(prompts), width), dtype=torch.long)
-        for row, prompt in enumerate(prompts):
-            input_ids[row, width - len(prompt):] = torch.tensor(prompt)
-            attention_mask[row, width - len(prompt):] = 1
+        from megatron_solopo.data.sampling import left_pad
+
+        input_ids, attention_mask = left_pad(prompts, self.pad_id)
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,
                                   eos_token_id=self.eos_ids, pad_token_id=self.pad_id)
         out = self.model.generate(input_ids=input_ids.to(self.device), attention_mask=attention_mask.to(self.device),
                                   generation_config=config)
-        return [row[width:].tolist() for row in out.cpu()]
+        return [row[input_ids.shape[1]:].tolist() for row in out.cpu()]
 
 
 # ------------------------------------------------------------------------------------- Megatron
