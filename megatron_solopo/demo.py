@@ -20,6 +20,7 @@ import argparse
 import dataclasses
 import importlib.resources
 import json
+import os
 import pathlib
 import shlex
 import subprocess
@@ -98,7 +99,10 @@ def _run_stage(index: int, total: int, stage: Stage) -> float:
     argv = stage.command()
     print(f"\n[{index}/{total}] {stage.title}\n$ solopo " + shlex.join(argv[3:]), flush=True)
     start = time.perf_counter()
-    result = subprocess.run(argv)
+    # Megatron-Core and transformers warn about optional kernels at every import; the demo's
+    # output is the stages' progress, so those warnings are muted here (not in `solopo` itself)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"}
+    result = subprocess.run(argv, env=env)
     seconds = time.perf_counter() - start
     if result.returncode != 0:
         raise SystemExit(f"solopo demo: stage {index} ({stage.title}) failed with exit code "
