@@ -22,6 +22,7 @@ from megatron_solopo.objectives.config import (
     required_sequences,
 )
 from megatron_solopo.objectives.losses import (
+    COUNT_METRICS,
     NLL_WEIGHT,
     RA_DISTANCES,
     RA_ON,
@@ -44,6 +45,7 @@ from megatron_solopo.objectives.registry import (
 )
 
 __all__ = [
+    "COUNT_METRICS",
     "preference_loss",
     "solopo_loss",
     "longpo_loss",

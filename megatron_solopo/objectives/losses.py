@@ -59,7 +59,8 @@ SOLO_ALPHA = HParam(1.0, "weight alpha of the short-to-long reward alignment (So
 # LongPO's public training script uses dpo_lambda=0.01 (and dpo_beta=0.01).
 NLL_WEIGHT = HParam(0.01, "LongPO: weight of the length-averaged NLL of the chosen response under x_long", low=0.0)
 
-_COUNT_METRICS = frozenset({"orpo/clamped"})
+COUNT_METRICS = frozenset({"orpo/clamped"})
+"""Metrics that count events (summed over pairs, never averaged); the trainer reports them as totals."""
 
 
 # ------------------------------------------------------------------------------------- validation
@@ -282,7 +283,7 @@ def _reduce(
     if reduction == "sum":
         return loss.sum(), dict(zip(detached, sums.unbind(0)))
     means = stacked.mean(dim=1)
-    is_count = torch.tensor([key in _COUNT_METRICS for key in detached], device=sums.device)
+    is_count = torch.tensor([key in COUNT_METRICS for key in detached], device=sums.device)
     values = torch.where(is_count, sums, means).tolist()  # one host sync for all metrics
     return loss.mean(), dict(zip(detached, values))
 

@@ -70,7 +70,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_solopo.model.logprobs import LogprobHeadConfig, make_output_processor
-from megatron_solopo.objectives import ObjectiveConfig, objective_loss
+from megatron_solopo.objectives import COUNT_METRICS, ObjectiveConfig, objective_loss
 from megatron_solopo.parallel.config import ParallelConfig
 from megatron_solopo.parallel.cp import cp_all_reduce_sum
 from megatron_solopo.training.batching import MicroBatch
@@ -85,8 +85,6 @@ __all__ = [
     "train_step",
 ]
 
-# Metrics that are event counts: reported as global totals, not per-pair means (objectives/losses.py).
-_COUNT_METRICS = frozenset({"orpo/clamped"})
 _COUNTS = ("pairs", "tokens/real", "tokens/padded", "tokens/response")
 
 
@@ -320,7 +318,7 @@ def _broadcast_from_last_stage(value):
 def _normalize(totals: dict[str, float]) -> tuple[float, dict[str, float], dict[str, int]]:
     pairs = totals["pairs"]
     counts = {key: round(totals[key]) for key in _COUNTS}
-    metrics = {key: (value if key in _COUNT_METRICS else value / pairs)
+    metrics = {key: (value if key in COUNT_METRICS else value / pairs)
                for key, value in totals.items() if key not in _COUNTS and key != "loss"}
     return totals["loss"] / pairs, metrics, counts
 
