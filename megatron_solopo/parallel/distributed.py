@@ -106,7 +106,12 @@ def initialize_parallel(parallel: ParallelConfig | None = None, seed: int = 1234
 
 
 def destroy_parallel() -> None:
-    """Tears down Megatron's groups and torch.distributed (tests, and the end of a run)."""
+    """Tears down Megatron's groups and torch.distributed (the end of a run).
+
+    To change the layout inside one process, call `initialize_parallel` again instead: it rebuilds
+    Megatron's groups on the existing torch.distributed group. A multi-process gloo group re-created
+    after this call on the same MASTER_PORT has been seen to hang in init_process_group.
+    """
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():
