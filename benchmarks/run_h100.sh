@@ -22,7 +22,7 @@ set -euo pipefail
 phase=${1:?usage: run_h100.sh check|main|objectives|attention|recompute|smollm}
 : "${OUT:?run this through the device tool: it sets OUT, the folder whose files come back}"
 export PYTHONPATH="/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}"
-# fewer fragmentation failures after a caught OOM (see the docstring of megatron_solopo/bench.py)
+# fewer fragmentation failures after a caught OOM (see the docstring of megatron_solopo/bench/__init__.py)
 export PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True
 budget=${BENCH_BUDGET_S:-420}
 bench() {  # bench TAG ARGS...: one `solopo bench` invocation, its log next to its JSON

@@ -10,6 +10,7 @@ import json
 import pytest
 
 from megatron_solopo import bench
+from megatron_solopo.bench import commands, measure
 from megatron_solopo.model.presets import get_preset
 
 
@@ -187,7 +188,7 @@ def test_config_errors(kw, msg):
 
 
 def test_tokens_parser():
-    assert bench._int_list("4K,8k, 16384") == (4096, 8192, 16384)
+    assert commands._int_list("4K,8k, 16384") == (4096, 8192, 16384)
 
 
 # ----------------------------------------------------------------------------------------- report
@@ -281,10 +282,10 @@ def test_simulated_oom_counts_step_tokens():
 def test_library_allocation_failures_count_as_oom():
     import torch
 
-    assert bench._is_oom(torch.OutOfMemoryError("x"))
-    assert bench._is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
-    assert not bench._is_oom(RuntimeError("shape '[2, 3]' is invalid"))
-    assert not bench._is_oom(ValueError("CUDA out of memory"))  # only runtime errors carry allocator failures
+    assert measure._is_oom(torch.OutOfMemoryError("x"))
+    assert measure._is_oom(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not measure._is_oom(RuntimeError("shape '[2, 3]' is invalid"))
+    assert not measure._is_oom(ValueError("CUDA out of memory"))  # only runtime errors carry allocator failures
 
 
 def test_across_runs_ratio_takes_fastest_solo():

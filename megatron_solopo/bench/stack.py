@@ -1,0 +1,96 @@
+"""Our Megatron-Core stack as a bench runner: build one variant, time `training.step.train_step`."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+from .batches import synthetic_samples
+from .config import BenchConfig, Variant
+from .measure import free_memory
+
+
+class StackRunner:
+    """Our Megatron-Core stack for one variant: DDP model chunks, Megatron optimizer, `train_step`."""
+
+    def __init__(self, preset, variant: Variant, cfg: BenchConfig):
+        self.preset, self.variant, self.cfg = preset, variant, cfg
+        self.variant_name = variant.name
+        self.name = "ours"
+        self.state = _build_stack(preset, variant, cfg)
+
+    def make_step(self, objective: str, mode: str, long_len: int) -> Callable[[], None]:
+        """A closure running one optimizer step of this objective/mode at `long_len` (batch built once)."""
+        samples = synthetic_samples(objective, mode, long_len, self.cfg, self.preset.vocab_size)
+        microbatches = _stack_microbatches(self.state, samples, objective, mode)
+        return lambda: _stack_train_step(self.state, microbatches, objective, mode)
+
+    def recover(self) -> None:
+        """After a failed step: empty the gradient buffers so nothing of it reaches the next case."""
+        for chunk in self.state.chunks:
+            chunk.zero_grad_buffer()
+        self.state.optimizer.zero_grad()
+
+    def close(self) -> None:
+        self.state = None
+        free_memory(self.cfg.device)
+
+
+@dataclasses.dataclass
+class _StackState:
+    chunks: list
+    optimizer: Any
+    parallel: Any
+    layout: str
+    pad_to_multiple_of: int
+    device: str
+    steps_taken: int = 0
+
+
+def _model_config(preset, variant: Variant, cfg: BenchConfig):
+    from megatron_solopo.model.config import ModelConfig
+
+    return ModelConfig(preset=preset.name, attention_backend=variant.attention_backend, params_dtype=cfg.dtype,
+                       fp8=variant.fp8, recompute=variant.recompute, init_seed=cfg.seed)
+
+
+def _build_stack(preset, variant: Variant, cfg: BenchConfig) -> _StackState:
+    """Model chunks (on the device), DDP and the Megatron optimizer, as the training run builds them.
+
+    AdamW at lr 1e-6 and constant schedule: the weights move a little each step, like training,
+    without the random-init model diverging over the benchmark's steps.
+    """
+    from megatron_solopo.model.builder import build_model_chunks
+    from megatron_solopo.parallel import ParallelConfig
+    from megatron_solopo.training.optim import build_optimizer, wrap_ddp
+
+    parallel = ParallelConfig()
+    chunks = build_model_chunks(preset, parallel, _model_config(preset, variant, cfg))  # on the GPU if any
+    chunks = wrap_ddp(chunks)
+    optimizer = build_optimizer(chunks, lr=1e-6, weight_decay=0.0, clip_grad=1.0)
+    # FP8 GEMMs need token counts in multiples of 16 (MEGATRON_NOTES: packing under FP8)
+    return _StackState(chunks=chunks, optimizer=optimizer, parallel=parallel,
+                       layout="packed" if variant.packing else "padded",
+                       pad_to_multiple_of=16 if variant.fp8 else 1, device=cfg.device)
+
+
+def _stack_microbatches(state: _StackState, samples: list[dict], objective: str, mode: str) -> list:
+    """One micro-batch holding every pair of the step (collate_microbatches), already on the device."""
+    from megatron_solopo.objectives import ObjectiveConfig
+    from megatron_solopo.training.batching import collate_microbatches
+
+    microbatches = collate_microbatches(samples, ObjectiveConfig(name=objective, mode=mode), state.parallel,
+                                        state.layout, micro_batch_pairs=len(samples),
+                                        pad_to_multiple_of=state.pad_to_multiple_of)
+    return [mb.to(state.device) for mb in microbatches]
+
+
+def _stack_train_step(state: _StackState, microbatches: list, objective: str, mode: str) -> None:
+    """The one call into the training room: one optimizer step of our stack (training.step.train_step)."""
+    from megatron_solopo.objectives import ObjectiveConfig
+    from megatron_solopo.training.step import train_step
+
+    train_step(state.chunks, state.optimizer, None, microbatches, ObjectiveConfig(name=objective, mode=mode),
+               state.parallel, state.steps_taken)
+    state.steps_taken += 1
