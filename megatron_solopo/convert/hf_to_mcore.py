@@ -17,7 +17,7 @@ import torch
 from megatron_solopo.convert.hf_io import HFCheckpointReader, copy_hf_assets
 from megatron_solopo.convert.mappings import ArchitectureMapping, Geometry, OutputLayer, get_mapping, te_alias
 from megatron_solopo.convert.presets_from_hf import infer_preset_from_hf, read_hf_config
-from megatron_solopo.convert.runtime import barrier, check_on_rank0, ensure_parallel, is_rank0, parallel_session
+from megatron_solopo.parallel.session import barrier, check_on_rank0, ensure_parallel, is_rank0, parallel_session
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset
 from megatron_solopo.parallel import ParallelConfig

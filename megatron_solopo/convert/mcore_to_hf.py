@@ -30,7 +30,7 @@ from megatron_solopo.convert.presets_from_hf import (
     hf_config_from_preset,
     infer_preset_from_hf,
 )
-from megatron_solopo.convert.runtime import barrier, check_on_rank0, is_rank0, parallel_session
+from megatron_solopo.parallel.session import barrier, check_on_rank0, is_rank0, parallel_session
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset, get_preset
 from megatron_solopo.parallel import ParallelConfig

@@ -249,7 +249,7 @@ def _load_megatron_model(config: Any, source: ModelSource, hf_dir: str | None, d
     The experiment's parallel section describes training and is not used: a Megatron checkpoint saved
     with any layout loads at tp=pp=cp=1 (dist_checkpointing reshards).
     """
-    from megatron_solopo.convert.runtime import ensure_parallel
+    from megatron_solopo.parallel.session import ensure_parallel
     from megatron_solopo.parallel.config import ParallelConfig
 
     if source.kind == "hf":
@@ -279,7 +279,7 @@ def _megatron_session(needed: bool):
     here), or nothing when no Megatron model is involved."""
     if not needed:
         return contextlib.nullcontext()
-    from megatron_solopo.convert.runtime import parallel_session
+    from megatron_solopo.parallel.session import parallel_session
     from megatron_solopo.parallel.config import ParallelConfig
 
     return parallel_session(ParallelConfig())

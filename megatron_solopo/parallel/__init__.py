@@ -15,10 +15,12 @@ from megatron_solopo.parallel.distributed import (
     init_process_group,
     read_launch_env,
 )
+from megatron_solopo.parallel.session import barrier, check_on_rank0, ensure_parallel, is_rank0, parallel_session
 from megatron_solopo.parallel.shim import install_cpu_shim, shim_active
 
 __all__ = [
     "ParallelConfig", "initialize_parallel", "destroy_parallel", "init_process_group", "read_launch_env",
     "install_cpu_shim", "shim_active",
+    "parallel_session", "ensure_parallel", "is_rank0", "barrier", "check_on_rank0",
     "cp_shard", "cp_unshard", "cp_shard_thd", "cp_unshard_thd", "cp_gather", "cp_all_reduce_sum",
 ]

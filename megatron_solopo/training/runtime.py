@@ -18,26 +18,17 @@ import pathlib
 from typing import Any
 
 import torch
-import torch.distributed as dist
 
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset, get_preset
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.session import barrier, is_rank0
 from megatron_solopo.training.checkpointing import ASSETS_SUBDIR, load_model_weights, read_marker
 
 logger = logging.getLogger(__name__)
 
 _DEFAULT_PRESET = ModelConfig().preset
 _FINGERPRINT_BYTES = 1 << 20
-
-
-def is_rank0() -> bool:
-    return not dist.is_initialized() or dist.get_rank() == 0
-
-
-def barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
 
 
 # ------------------------------------------------------------------------------------ architecture

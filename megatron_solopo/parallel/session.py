@@ -1,4 +1,5 @@
-"""Process-group handling for conversions: join an existing layout or set up a single process."""
+"""Process-group sessions for commands (convert, eval, reference, train): join an existing layout or set up
+a single process, and the rank-0 / barrier helpers every command uses."""
 
 from __future__ import annotations
 
@@ -7,7 +8,8 @@ from collections.abc import Callable, Iterator
 
 import torch.distributed as dist
 
-from megatron_solopo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.distributed import destroy_parallel, initialize_parallel, read_launch_env
 
 
 def _current_layout() -> tuple[int, int, int]:
@@ -48,8 +50,6 @@ def ensure_parallel(parallel: ParallelConfig, backend: str | None = None) -> boo
 
 
 def _launch_world_size() -> int:
-    from megatron_solopo.parallel import read_launch_env
-
     return read_launch_env().world_size
 
 
@@ -65,10 +65,12 @@ def parallel_session(parallel: ParallelConfig, backend: str | None = None) -> It
 
 
 def is_rank0() -> bool:
+    """True on global rank 0, and in a process without torch.distributed."""
     return not dist.is_initialized() or dist.get_rank() == 0
 
 
 def barrier() -> None:
+    """dist.barrier() when torch.distributed is up, else nothing."""
     if dist.is_initialized():
         dist.barrier()
 
