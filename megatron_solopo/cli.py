@@ -1,5 +1,6 @@
-"""`solopo`: the command-line entry point. Each subcommand lives in its room as a module exposing
-`add_arguments(parser)` and `run(args) -> int`; this file only maps names to those modules."""
+"""`solopo`: the command-line entry point. Each subcommand lives in its room's commands module as an
+object exposing `add_arguments(parser)` and `run(args) -> int`: the module itself, or a class of static
+methods named `module:Class` when one module serves several commands; this file only maps names to them."""
 
 from __future__ import annotations
 
@@ -7,20 +8,29 @@ import argparse
 import importlib
 import sys
 
-# name -> (module, one-line help). Modules are imported only when their command runs.
+# name -> ("module" or "module:Class", one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("megatron_solopo.env_report", "print what this machine has: torch/CUDA, Megatron-Core, TE, GPUs"),
-    "fetch-default-model": ("megatron_solopo.convert.default_model",
+    "fetch-default-model": ("megatron_solopo.convert.commands:FetchDefaultModel",
                             "download and convert the embedded default model (SmolLM2-135M-Instruct)"),
     "convert": ("megatron_solopo.convert.commands", "convert checkpoints: hf-to-mcore | mcore-to-hf"),
     "build-data": ("megatron_solopo.data.commands", "build SoLoPO preference data (contexts, sampling, pairs)"),
-    "precompute-ref": ("megatron_solopo.training.reference",
+    "precompute-ref": ("megatron_solopo.training.commands:PrecomputeRef",
                        "store the frozen reference model's log-probs next to the data"),
     "train": ("megatron_solopo.training.commands", "train with SoLoPO or a baseline objective"),
     "eval": ("megatron_solopo.eval.commands", "evaluate long-context QA (sub-EM, EM, F1) and plot"),
-    "bench": ("megatron_solopo.bench", "benchmark solo-X vs long-X: time per pair, memory, max length"),
+    "bench": ("megatron_solopo.bench.commands", "benchmark solo-X vs long-X: time per pair, memory, max length"),
     "demo": ("megatron_solopo.demo", "the end-to-end demo: fetch, build data, train, evaluate"),
+    "experiment": ("megatron_solopo.experiment.commands",
+                   "the quality experiment: SoLo-X vs long-X vs expand-long-X vs base, with CIs and cost"),
 }
+
+
+def _command(target: str):
+    """The object behind a COMMANDS entry: "pkg.module" -> the module, "pkg.module:Class" -> that class."""
+    module_name, _, attribute = target.partition(":")
+    module = importlib.import_module(module_name)
+    return getattr(module, attribute) if attribute else module
 
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
@@ -30,9 +40,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
         if only == name:
-            module = importlib.import_module(module_name)
-            module.add_arguments(cmd)
-            cmd.set_defaults(_run=module.run)
+            command = _command(module_name)
+            command.add_arguments(cmd)
+            cmd.set_defaults(_run=command.run)
     return parser
 
 

@@ -11,9 +11,18 @@ import dataclasses
 import pathlib
 import types
 import typing
-from typing import Any, Mapping
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any, Mapping
 
 import yaml
+
+if TYPE_CHECKING:  # the sections are imported lazily at run time (see _sections)
+    from megatron_solopo.data.config import DataConfig
+    from megatron_solopo.eval.config import EvalConfig
+    from megatron_solopo.model.config import ModelConfig
+    from megatron_solopo.objectives import ObjectiveConfig
+    from megatron_solopo.parallel.config import ParallelConfig
+    from megatron_solopo.training.config import TrainConfig
 
 
 class ConfigError(ValueError):
@@ -21,7 +30,9 @@ class ConfigError(ValueError):
 
 
 def _field_types(cls: type) -> dict[str, Any]:
-    hints = typing.get_type_hints(cls)
+    # ExperimentConfig's section annotations name classes this module imports only lazily
+    names = {section.__name__: section for section in _sections().values()} if cls is ExperimentConfig else None
+    hints = typing.get_type_hints(cls, localns=names)
     return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
 
 
@@ -160,6 +171,7 @@ def load_section(cls: type, source: str | pathlib.Path | Mapping[str, Any] | Non
 
 def _sections() -> dict[str, type]:
     # imported lazily: config.py sits above the rooms and must not slow down `import megatron_solopo`
+    # (the objective and parallel sections import torch)
     from megatron_solopo.data.config import DataConfig
     from megatron_solopo.eval.config import EvalConfig
     from megatron_solopo.model.config import ModelConfig
@@ -170,23 +182,41 @@ def _sections() -> dict[str, type]:
             "data": DataConfig, "train": TrainConfig, "eval": EvalConfig}
 
 
-def experiment_config_class() -> type:
-    """The top-level config dataclass, one field per room section."""
-    global _EXPERIMENT_CLASS
-    if _EXPERIMENT_CLASS is None:
-        fields = [(name, cls, dataclasses.field(default_factory=cls)) for name, cls in _sections().items()]
-        _EXPERIMENT_CLASS = dataclasses.make_dataclass("ExperimentConfig", fields)
-        _EXPERIMENT_CLASS.__doc__ = "A whole experiment: model, parallel layout, objective, data, train, eval."
-    return _EXPERIMENT_CLASS
+def _section_default(name: str) -> Callable[[], Any]:
+    """default_factory for a section field: the section class with its defaults (imported on first use)."""
+    return lambda: _sections()[name]()
 
 
-_EXPERIMENT_CLASS: type | None = None
+@dataclasses.dataclass
+class ExperimentConfig:
+    """A whole experiment: model, parallel layout, objective, data, train, eval (one YAML file).
+
+    Each field is one room's section dataclass; `load_config` builds it from YAML and dotted overrides.
+    """
+
+    model: ModelConfig = dataclasses.field(default_factory=_section_default("model"))
+    """Which architecture (preset) to build and how: dtype, attention backend, recompute (model/config.py)."""
+    parallel: ParallelConfig = dataclasses.field(default_factory=_section_default("parallel"))
+    """TP/PP/CP/DP layout, distributed backend and sequence parallelism (parallel/config.py)."""
+    objective: ObjectiveConfig = dataclasses.field(default_factory=_section_default("objective"))
+    """Preference objective, mode (SoLoPO, baselines) and its hyperparameters (objectives/config.py)."""
+    data: DataConfig = dataclasses.field(default_factory=_section_default("data"))
+    """QA source, contexts, sampling, pairs and tokenization (data/config.py)."""
+    train: TrainConfig = dataclasses.field(default_factory=_section_default("train"))
+    """Optimizer, schedule, batch sizes, checkpoints and logging of the training run (training/config.py)."""
+    eval: EvalConfig = dataclasses.field(default_factory=_section_default("eval"))
+    """Evaluation suites, generation settings and reports (eval/config.py)."""
+
+
+def experiment_config_class() -> type[ExperimentConfig]:
+    """The top-level config dataclass, one field per room section (kept for callers of the old API)."""
+    return ExperimentConfig
 
 
 def load_config(source: str | pathlib.Path | Mapping[str, Any] | None = None,
-                overrides: list[str] | None = None) -> Any:
+                overrides: list[str] | None = None) -> ExperimentConfig:
     """Loads an ExperimentConfig from a YAML file (or dict) and dotted overrides like `train.lr=1e-6`."""
-    return load_section(experiment_config_class(), source, overrides)
+    return load_section(ExperimentConfig, source, overrides)
 
 
 def save_config(config: Any, path: str | pathlib.Path) -> None:

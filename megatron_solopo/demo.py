@@ -17,47 +17,18 @@ CUDA is used automatically when present.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import importlib.resources
 import json
-import os
 import pathlib
-import shlex
-import subprocess
-import sys
-import time
-from collections.abc import Callable
+
+from megatron_solopo.experiment.stages import Stage, StageRunner, latest_checkpoint, solopo_argv
 
 DEMO_CONFIG = "demo.yaml"
-
-
-@dataclasses.dataclass
-class Stage:
-    """One demo stage: a `solopo` command line (or a function that builds it once earlier stages ran)."""
-
-    title: str
-    argv: list[str] | Callable[[], list[str]]
-
-    def command(self) -> list[str]:
-        return self.argv() if callable(self.argv) else self.argv
 
 
 def demo_config_path() -> pathlib.Path:
     """The packaged demo config (installed with the package, so `solopo demo` works from anywhere)."""
     return pathlib.Path(str(importlib.resources.files("megatron_solopo") / "resources" / DEMO_CONFIG))
-
-
-def _solopo(*args: str) -> list[str]:
-    return [sys.executable, "-m", "megatron_solopo.cli", *args]
-
-
-def _latest_checkpoint(train_dir: pathlib.Path) -> str:
-    from megatron_solopo.training.checkpointing import find_latest_checkpoint
-
-    latest = find_latest_checkpoint(train_dir)
-    if latest is None:
-        raise SystemExit(f"solopo demo: training wrote no complete checkpoint under {train_dir}")
-    return str(latest)
 
 
 def _device_overrides() -> list[str]:
@@ -76,39 +47,22 @@ def plan_stages(run_dir: pathlib.Path, config: pathlib.Path, model_dir: pathlib.
     common = [f"model.hf_model={model_dir / 'hf'}", f"data.output_dir={run_dir / 'data'}",
               f"data.cache_dir={run_dir / 'data' / 'cache'}", f"train.output_dir={run_dir / 'train'}",
               *_device_overrides(), *overrides]
-    trained_checkpoint = lambda: _latest_checkpoint(run_dir / "train")  # noqa: E731 - known after training
+    trained_checkpoint = lambda: latest_checkpoint(run_dir / "train", "solopo demo")  # noqa: E731 - known after training
     base_eval, trained_eval = run_dir / "eval" / "base", run_dir / "eval" / "trained"
     return [
-        Stage("build SoLoPO pairs with the default model", _solopo("build-data", "--config", str(config),
-                                                                    *common)),
-        Stage("train SoLo-ORPO", _solopo("train", "--config", str(config), *common)),
-        Stage("evaluate the base model", _solopo("eval", "--config", str(config), "--hf-model",
-                                                 str(model_dir / "hf"), "--label", "base", *common,
-                                                 f"eval.output_dir={base_eval}")),
-        Stage("evaluate the trained model", lambda: _solopo("eval", "--config", str(config), "--checkpoint",
-                                                            trained_checkpoint(), "--label", "solo-orpo",
-                                                            *common, f"eval.output_dir={trained_eval}")),
-        Stage("compare base vs trained", _solopo("eval", "--config", str(config), "--compare",
-                                                 str(base_eval / "report.json"),
-                                                 str(trained_eval / "report.json"), *common,
-                                                 f"eval.output_dir={run_dir / 'eval'}")),
+        Stage("data", "build SoLoPO pairs with the default model",
+              solopo_argv("build-data", "--config", str(config), *common)),
+        Stage("train", "train SoLo-ORPO", solopo_argv("train", "--config", str(config), *common)),
+        Stage("eval-base", "evaluate the base model",
+              solopo_argv("eval", "--config", str(config), "--hf-model", str(model_dir / "hf"), "--label", "base",
+                          *common, f"eval.output_dir={base_eval}")),
+        Stage("eval-trained", "evaluate the trained model",
+              lambda: solopo_argv("eval", "--config", str(config), "--checkpoint", trained_checkpoint(), "--label",
+                                  "solo-orpo", *common, f"eval.output_dir={trained_eval}")),
+        Stage("compare", "compare base vs trained",
+              solopo_argv("eval", "--config", str(config), "--compare", str(base_eval / "report.json"),
+                          str(trained_eval / "report.json"), *common, f"eval.output_dir={run_dir / 'eval'}")),
     ]
-
-
-def _run_stage(index: int, total: int, stage: Stage) -> float:
-    argv = stage.command()
-    print(f"\n[{index}/{total}] {stage.title}\n$ solopo " + shlex.join(argv[3:]), flush=True)
-    start = time.perf_counter()
-    # Megatron-Core and transformers warn about optional kernels at every import; the demo's
-    # output is the stages' progress, so those warnings are muted here (not in `solopo` itself)
-    env = {**os.environ, "PYTHONWARNINGS": "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"}
-    result = subprocess.run(argv, env=env)
-    seconds = time.perf_counter() - start
-    if result.returncode != 0:
-        raise SystemExit(f"solopo demo: stage {index} ({stage.title}) failed with exit code "
-                         f"{result.returncode}; its output is above. Re-run just that command to debug it.")
-    print(f"[{index}/{total}] done in {seconds:.0f} s", flush=True)
-    return seconds
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -127,12 +81,11 @@ def run(args: argparse.Namespace) -> int:
         raise SystemExit(f"solopo demo: {run_dir} holds an earlier demo run; remove it or pass --run-dir NEW_DIR")
     config = pathlib.Path(args.config) if args.config else demo_config_path()
     model_dir = pathlib.Path(args.model_dir) if args.model_dir else default_cache_dir()
-    fetch = Stage("fetch and convert the default model (cached after the first run)",
-                  _solopo("fetch-default-model", "--output", str(model_dir)))
+    fetch = Stage("fetch", "fetch and convert the default model (cached after the first run)",
+                  solopo_argv("fetch-default-model", "--output", str(model_dir)))
     stages = [fetch, *plan_stages(run_dir, config, model_dir, list(args.overrides))]
-    timings = {}
-    for i, stage in enumerate(stages, 1):
-        timings[stage.title] = round(_run_stage(i, len(stages), stage), 1)
+    seconds = StageRunner(run_dir, log=lambda msg: print(msg, flush=True)).run(stages)
+    timings = {stage.title: seconds[stage.name] for stage in stages}
     (run_dir / "demo_timings.json").write_text(json.dumps(timings, indent=2))
     print(f"\ndemo finished in {sum(timings.values()):.0f} s. Written under {run_dir}:\n"
           f"  data      {run_dir / 'data'} (pairs.jsonl, summary.json, summary.png)\n"

@@ -41,16 +41,46 @@ def collect() -> dict:
     return info
 
 
+def measure_matmul_gflops(size: int = 2048, repeats: int = 5, device: str | None = None) -> dict:
+    """This machine's dense fp32 matmul throughput: the best and median GFLOP/s of `repeats` timed
+    [size x size] @ [size x size] products (2 * size^3 FLOPs each) after one warm-up, on `device`
+    (default: cuda when present, else cpu). The yardstick for "fraction of peak" figures."""
+    import statistics
+    import time
+
+    import torch
+
+    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    a = torch.randn(size, size, device=device)
+    b = torch.randn(size, size, device=device)
+    rates = []
+    for i in range(repeats + 1):
+        if device == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        torch.matmul(a, b)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        if i:  # the first product warms up the kernels and the allocator
+            rates.append(2.0 * size ** 3 / (time.perf_counter() - start) / 1e9)
+    return {"matmul_size": size, "matmul_device": device, "matmul_threads": torch.get_num_threads(),
+            "matmul_gflops": round(max(rates), 1), "matmul_gflops_median": round(statistics.median(rates), 1)}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print machine-readable JSON")
     parser.add_argument("--presets", action="store_true", help="also list the model presets")
+    parser.add_argument("--measure-matmul", action="store_true",
+                        help="also time a 2048^3 fp32 matmul (GFLOP/s): the machine's compute yardstick")
 
 
 def run(args: argparse.Namespace) -> int:
-    info = collect()
-    if args.json:
-        import json
+    import json
 
+    info = collect()
+    if args.measure_matmul:
+        info.update(measure_matmul_gflops())
+    if args.json:
         print(json.dumps(info, indent=2))
         return 0
     width = max(map(len, info))

@@ -28,3 +28,32 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not run_gpu:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+# ---- tiny models shared by the eval and experiment tests (tests/data overrides tiny_tokenizer with its own)
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from tiny_models import build_tiny_tokenizer, synthetic_corpus
+
+    return build_tiny_tokenizer(synthetic_corpus(10))
+
+
+@pytest.fixture(scope="session")
+def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
+    """A tiny LlamaForCausalLM whose weights are re-drawn with std 0.15 so greedy outputs vary from token to
+    token (transformers' 0.02 init makes a 2-layer model repeat one token, which would make parity trivial)."""
+    import torch
+    import transformers
+
+    from tiny_models import build_tiny_llama
+
+    path = tmp_path_factory.mktemp("tiny_llama")
+    build_tiny_llama(path, tiny_tokenizer, hidden_size=64)
+    model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "norm" not in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
+    model.save_pretrained(str(path))
+    return str(path)

@@ -15,15 +15,19 @@ import argparse
 import json
 import pathlib
 import sys
+from typing import TYPE_CHECKING
 
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+if TYPE_CHECKING:
+    from megatron_solopo.config import ExperimentConfig
 
-def _preset_for(config, name: str | None):
+
+def _preset_for(config: ExperimentConfig, name: str | None):
     """--preset, else what the trainer would use (model.hf_model's config.json, model.checkpoint's
     marker, else model.preset)."""
+    from megatron_solopo.checkpoint.loader import resolve_preset
     from megatron_solopo.model.presets import get_preset
-    from megatron_solopo.training.runtime import resolve_preset
 
     if name:
         return get_preset(name)

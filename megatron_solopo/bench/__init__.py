@@ -27,61 +27,13 @@ Modules: config (BenchConfig, Variant, variant specs), flops (FLOP / MFU formula
 pairs), measure (one timed case, OOM caught), search (max-length search), stack (our Megatron runner),
 baseline (transformers / TRL runner), ratios, report (JSON / Markdown / PNG), sweep (BenchRun: one
 invocation's cases and searches), commands (`add_arguments` / `run`, what megatron_solopo.cli calls).
+The package exports only the entry points below; import everything else from its defining module.
 """
 
 from __future__ import annotations
 
-from .baseline import (
-    BASELINE_DESCRIPTIONS,
-    HFBaselineRunner,
-    hf_llama_config,
-    resolve_baseline,
-)
-from .batches import pair_sequences, synthetic_sample, synthetic_samples
-from .commands import add_arguments, config_from_args, run
-from .config import (
-    BACKENDS,
-    BASELINE_KINDS,
-    DEFAULT_CPU_VARIANTS,
-    DEFAULT_GPU_VARIANTS,
-    MODES,
-    OBJECTIVES,
-    RECOMPUTES,
-    BenchConfig,
-    Variant,
-    parse_variant,
-)
-from .flops import (
-    H100_BF16_DENSE_PEAK_TFLOPS,
-    attention_flops,
-    linear_flops_per_token,
-    lm_head_flops,
-    sequence_train_flops,
-)
-from .measure import CaseResult, free_memory, run_case, summarize, time_steps
-from .ratios import compute_ratios
-from .report import (
-    PAPER_REFERENCE,
-    SCHEMA,
-    across_runs_baseline_ratios,
-    machine_info,
-    machine_slug,
-    markdown_report,
-    plot_results,
-    regenerate_report,
-    write_json_atomic,
-)
-from .search import SearchResult, search_max_length
-from .stack import StackRunner
-from .sweep import BenchRun
+from megatron_solopo.bench.config import BenchConfig, Variant, parse_variant
+from megatron_solopo.bench.report import regenerate_report
+from megatron_solopo.bench.sweep import BenchRun
 
-__all__ = [
-    "BACKENDS", "BASELINE_DESCRIPTIONS", "BASELINE_KINDS", "DEFAULT_CPU_VARIANTS", "DEFAULT_GPU_VARIANTS",
-    "H100_BF16_DENSE_PEAK_TFLOPS", "MODES", "OBJECTIVES", "PAPER_REFERENCE", "RECOMPUTES", "SCHEMA",
-    "BenchConfig", "BenchRun", "CaseResult", "HFBaselineRunner", "SearchResult", "StackRunner", "Variant",
-    "across_runs_baseline_ratios", "add_arguments", "attention_flops", "compute_ratios", "config_from_args",
-    "free_memory", "hf_llama_config", "linear_flops_per_token", "lm_head_flops", "machine_info", "machine_slug",
-    "markdown_report", "pair_sequences", "parse_variant", "plot_results", "regenerate_report", "resolve_baseline",
-    "run", "run_case", "search_max_length", "sequence_train_flops", "summarize", "synthetic_sample",
-    "synthetic_samples", "time_steps", "write_json_atomic",
-]
+__all__ = ["BenchConfig", "BenchRun", "Variant", "parse_variant", "regenerate_report"]

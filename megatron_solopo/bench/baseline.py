@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from .batches import pair_sequences, synthetic_samples
-from .config import BenchConfig
-from .measure import free_memory
+from megatron_solopo.bench.batches import pair_sequences, synthetic_samples
+from megatron_solopo.bench.config import BenchConfig
+from megatron_solopo.bench.measure import free_memory
 
 BASELINE_DESCRIPTIONS = {
     "trl": "transformers LlamaForCausalLM (SDPA) + TRL ORPOTrainer.get_batch_loss_metrics (chosen and rejected "

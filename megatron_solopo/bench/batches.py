@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .config import BenchConfig
+from megatron_solopo.bench.config import BenchConfig
 
 
 def pair_sequences(objective: str, mode: str, long_len: int, short_len: int) -> list[tuple[str, int]]:

@@ -9,8 +9,8 @@ import pathlib
 import sys
 import time
 
-from .baseline import BASELINE_DESCRIPTIONS, HFBaselineRunner, resolve_baseline
-from .config import (
+from megatron_solopo.bench.baseline import BASELINE_DESCRIPTIONS, HFBaselineRunner, resolve_baseline
+from megatron_solopo.bench.config import (
     BASELINE_KINDS,
     DEFAULT_CPU_VARIANTS,
     DEFAULT_GPU_VARIANTS,
@@ -18,11 +18,11 @@ from .config import (
     Variant,
     parse_variant,
 )
-from .flops import H100_BF16_DENSE_PEAK_TFLOPS
-from .measure import free_memory
-from .report import machine_info, machine_slug, regenerate_report
-from .stack import StackRunner
-from .sweep import BenchRun
+from megatron_solopo.bench.flops import H100_BF16_DENSE_PEAK_TFLOPS
+from megatron_solopo.bench.measure import free_memory
+from megatron_solopo.bench.report import machine_info, machine_slug, regenerate_report
+from megatron_solopo.bench.stack import StackRunner
+from megatron_solopo.bench.sweep import BenchRun
 
 
 def _tokens(text: str) -> int:

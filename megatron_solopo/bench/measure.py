@@ -8,9 +8,9 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from .batches import pair_sequences
-from .config import BenchConfig
-from .flops import sequence_train_flops
+from megatron_solopo.bench.batches import pair_sequences
+from megatron_solopo.bench.config import BenchConfig
+from megatron_solopo.bench.flops import sequence_train_flops
 
 
 @dataclasses.dataclass

@@ -10,7 +10,7 @@ import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from .ratios import _ok
+from megatron_solopo.bench.ratios import _ok
 
 SCHEMA = "solopo-bench/1"
 

@@ -6,9 +6,9 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from .batches import synthetic_samples
-from .config import BenchConfig, Variant
-from .measure import free_memory
+from megatron_solopo.bench.batches import synthetic_samples
+from megatron_solopo.bench.config import BenchConfig, Variant
+from megatron_solopo.bench.measure import free_memory
 
 
 class StackRunner:
@@ -61,18 +61,18 @@ def _build_stack(preset, variant: Variant, cfg: BenchConfig) -> _StackState:
     AdamW at lr 1e-6 and constant schedule: the weights move a little each step, like training,
     without the random-init model diverging over the benchmark's steps.
     """
-    from megatron_solopo.model.builder import build_model_chunks
-    from megatron_solopo.parallel import ParallelConfig
+    from megatron_solopo.checkpoint import load_model
+    from megatron_solopo.parallel import current_parallel_context, fp8_seq_multiple
     from megatron_solopo.training.optim import build_optimizer, wrap_ddp
 
-    parallel = ParallelConfig()
-    chunks = build_model_chunks(preset, parallel, _model_config(preset, variant, cfg))  # on the GPU if any
+    parallel = current_parallel_context()  # one process (bench.commands initialized it)
+    chunks = load_model(_model_config(preset, variant, cfg), parallel, preset)  # random init, on the GPU if any
     chunks = wrap_ddp(chunks)
     optimizer = build_optimizer(chunks, lr=1e-6, weight_decay=0.0, clip_grad=1.0)
     # FP8 GEMMs need token counts in multiples of 16 (MEGATRON_NOTES: packing under FP8)
     return _StackState(chunks=chunks, optimizer=optimizer, parallel=parallel,
                        layout="packed" if variant.packing else "padded",
-                       pad_to_multiple_of=16 if variant.fp8 else 1, device=cfg.device)
+                       pad_to_multiple_of=fp8_seq_multiple(variant.fp8), device=cfg.device)
 
 
 def _stack_microbatches(state: _StackState, samples: list[dict], objective: str, mode: str) -> list:

@@ -9,12 +9,12 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from .batches import pair_sequences
-from .config import BenchConfig
-from .flops import linear_flops_per_token, sequence_train_flops
-from .measure import CaseResult, run_case
-from .ratios import compute_ratios
-from .report import (
+from megatron_solopo.bench.batches import pair_sequences
+from megatron_solopo.bench.config import BenchConfig
+from megatron_solopo.bench.flops import linear_flops_per_token, sequence_train_flops
+from megatron_solopo.bench.measure import CaseResult, run_case
+from megatron_solopo.bench.ratios import compute_ratios
+from megatron_solopo.bench.report import (
     PAPER_REFERENCE,
     SCHEMA,
     _fmt,
@@ -22,7 +22,7 @@ from .report import (
     machine_info,
     write_json_atomic,
 )
-from .search import search_max_length
+from megatron_solopo.bench.search import search_max_length
 
 
 class BenchRun:

@@ -1,4 +1,5 @@
-"""`solopo convert hf-to-mcore | mcore-to-hf`: checkpoint conversion between Hugging Face and Megatron-Core.
+"""`solopo convert hf-to-mcore | mcore-to-hf`: checkpoint conversion between Hugging Face and Megatron-Core,
+and `solopo fetch-default-model` (`FetchDefaultModel`, convert/default_model.py).
 
     solopo convert hf-to-mcore --hf-model DIR --output DIR [--tp N --pp N] [--dtype bf16]
     solopo convert mcore-to-hf --checkpoint DIR --output DIR [--max-shard-size 5GB] [--dtype bf16]
@@ -60,3 +61,28 @@ def _run(args: argparse.Namespace) -> int:
     convert_mcore_to_hf(args.checkpoint, args.output, max_shard_size=args.max_shard_size, dtype=args.dtype,
                         preset=args.preset, assets_dir=args.hf_assets)
     return 0
+
+
+class FetchDefaultModel:
+    """`solopo fetch-default-model [--output DIR] [--force]`: fetch and convert the embedded default model."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        from megatron_solopo.convert.default_model import default_cache_dir
+
+        parser.add_argument("--output", default=None,
+                            help=f"directory for the model (default: {default_cache_dir()})")
+        parser.add_argument("--force", action="store_true",
+                            help="delete a previous fetch in --output and fetch again")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from megatron_solopo.convert.default_model import fetch_default_model
+
+        try:
+            hf_dir = fetch_default_model(args.output, force=args.force)
+        except (RuntimeError, ValueError, OSError) as err:
+            print(f"solopo fetch-default-model: error: {err}", file=sys.stderr)
+            return 1
+        print(f"HF checkpoint:       {hf_dir}\nMegatron checkpoint: {hf_dir.parent / 'mcore'}")
+        return 0

@@ -17,7 +17,6 @@ quantization de-quantized, not the original bf16 release (the hub is not reachab
 
 from __future__ import annotations
 
-import argparse
 import hashlib
 import inspect
 import json
@@ -209,19 +208,3 @@ def ensure_default_model(cache_dir: str | os.PathLike | None = None, log=print) 
     checkpoint next to it.
     """
     return fetch_default_model(cache_dir, log=log)
-
-
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--output", default=None,
-                        help=f"directory for the model (default: {default_cache_dir()})")
-    parser.add_argument("--force", action="store_true", help="delete a previous fetch in --output and fetch again")
-
-
-def run(args: argparse.Namespace) -> int:
-    try:
-        hf_dir = fetch_default_model(args.output, force=args.force)
-    except (RuntimeError, ValueError, OSError) as err:
-        print(f"solopo fetch-default-model: error: {err}", file=sys.stderr)
-        return 1
-    print(f"HF checkpoint:       {hf_dir}\nMegatron checkpoint: {hf_dir.parent / 'mcore'}")
-    return 0

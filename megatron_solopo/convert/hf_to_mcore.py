@@ -7,13 +7,13 @@ safetensors files, one tensor at a time.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 import pathlib
 import time
 
 import torch
 
+from megatron_solopo.checkpoint.format import ASSETS_DIR, CONVERTED, write_marker
 from megatron_solopo.convert.hf_io import HFCheckpointReader, copy_hf_assets
 from megatron_solopo.convert.mappings import ArchitectureMapping, Geometry, OutputLayer, get_mapping, te_alias
 from megatron_solopo.convert.presets_from_hf import infer_preset_from_hf, read_hf_config
@@ -21,11 +21,6 @@ from megatron_solopo.parallel.session import barrier, check_on_rank0, ensure_par
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset
 from megatron_solopo.parallel import ParallelConfig
-
-METADATA_NAME = "solopo_checkpoint.json"
-"""Written last into a converted checkpoint: the preset, dtype, source and layout (completion marker)."""
-ASSETS_DIR = "hf_assets"
-"""Sub-directory of a converted checkpoint with the source's config, tokenizer and generation config."""
 
 
 def check_hf_names(reader: HFCheckpointReader, mapping: ArchitectureMapping, preset: ModelPreset) -> None:
@@ -74,14 +69,12 @@ def load_hf_weights(model, reader: HFCheckpointReader, preset: ModelPreset, tp_r
                     tp_size: int | None = None) -> None:
     """Fills one GPTModel chunk (this rank's TP shard and PP stage) from a HF checkpoint.
 
-    `tp_rank` / `tp_size` default to Megatron's parallel state. Every weight of the chunk must be
-    filled; a tensor whose shape differs is an error.
+    `tp_rank` / `tp_size` default to the model's tensor-parallel group (`model.pg_collection.tp`).
+    Every weight of the chunk must be filled; a tensor whose shape differs is an error.
     """
     if tp_rank is None or tp_size is None:
-        from megatron.core import parallel_state
-
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        tp_group = model.pg_collection.tp
+        tp_rank, tp_size = torch.distributed.get_rank(tp_group), torch.distributed.get_world_size(tp_group)
     mapping, geom = get_mapping(preset.architecture), Geometry.of(preset)
     state = weight_state(model)
     filled = set()
@@ -108,42 +101,37 @@ def load_hf_into_mcore(hf_dir: str | os.PathLike, parallel_config: ParallelConfi
                        model_config: ModelConfig | None = None, preset: ModelPreset | None = None):
     """A Megatron-Core GPTModel (this rank's chunk) holding the weights of a HF checkpoint.
 
-    With no process group yet, a single-process one is set up (gloo on CPU). The model is built by
-    `model.builder.build_gpt_model` on the CPU (call `.cuda()` to move it) and used as usual:
+    A convenience over `checkpoint.load_model` (the one loader) for one chunk: with no process group
+    yet, a single-process one is set up (gloo on CPU). The model is built by
+    `model.builder.build_gpt_model` (on the GPU when there is one) and used as usual:
     `model(input_ids, position_ids, attention_mask)` -> logits [b, s, vocab / tp].
 
     Args:
         hf_dir: Llama / Qwen2 / Mistral checkpoint directory (config.json + safetensors).
         parallel_config: TP/PP/CP layout; `ParallelConfig()` = one process. Not interleaved
-            (for virtual pipeline stages build the chunks and call `load_hf_weights` on each).
+            (for virtual pipeline stages call `checkpoint.load_model`, which returns every chunk).
         model_config: precision and kernels; default `ModelConfig(hf_model=hf_dir)`.
         preset: the architecture; default inferred from config.json (`infer_preset_from_hf`).
     """
-    from megatron_solopo.model.builder import build_gpt_model
+    from megatron_solopo.checkpoint.loader import load_model
 
     parallel = parallel_config or ParallelConfig()
     if parallel.virtual_pp:
-        raise ValueError("load_hf_into_mcore builds one model chunk; with virtual_pp build the chunks with "
-                         "model.builder.build_model_chunks and call convert.load_hf_weights on each")
+        raise ValueError("load_hf_into_mcore builds one model chunk; with virtual_pp call "
+                         "checkpoint.load_model, which returns every chunk")
     preset = preset or infer_preset_from_hf(hf_dir)
-    model_config = model_config or ModelConfig(hf_model=str(hf_dir))
+    model_config = dataclasses.replace(model_config or ModelConfig(), hf_model=str(hf_dir), checkpoint=None)
     ensure_parallel(parallel)
-    model = build_gpt_model(preset, parallel, model_config, initialize_weights=False)
-    with HFCheckpointReader(hf_dir) as reader:
-        check_hf_names(reader, get_mapping(preset.architecture), preset)
-        load_hf_weights(model, reader, preset)
-    return model
+    return load_model(model_config, parallel, preset)[0]
 
 
 def checkpoint_metadata(preset: ModelPreset, dtype: str, parallel: ParallelConfig, source: str,
                         hf_config: dict | None) -> dict:
-    """The JSON written next to a converted (or trained) Megatron checkpoint."""
+    """What the marker of a converted checkpoint records besides its format and kind (checkpoint/format.py)."""
     import megatron.core
     import transformers
 
     return {
-        "format": "megatron_solopo.mcore_checkpoint",
-        "format_version": 1,
         "preset": dataclasses.asdict(preset),
         "dtype": dtype,
         "source": source,
@@ -178,7 +166,7 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     from megatron.core import dist_checkpointing
 
-    from megatron_solopo.model.builder import build_gpt_model
+    from megatron_solopo.checkpoint.loader import load_model
 
     start = time.perf_counter()
     with parallel_session(parallel, backend="gloo"):
@@ -189,10 +177,7 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         barrier()
         # the local spec has the same checkpoint keys as the TE spec and builds on any machine
         model_config = ModelConfig(hf_model=str(hf_dir), attention_backend="local", params_dtype=dtype)
-        model = build_gpt_model(preset, parallel, model_config, initialize_weights=False)
-        with HFCheckpointReader(hf_dir) as reader:
-            check_hf_names(reader, get_mapping(preset.architecture), preset)
-            load_hf_weights(model, reader, preset)
+        model = load_model(model_config, parallel, preset)[0]
         if rank0:
             log(f"loaded {hf_dir} into Megatron ({preset.num_parameters() / 1e6:.1f}M parameters, {dtype}) "
                 f"in {time.perf_counter() - start:.1f} s")
@@ -201,7 +186,7 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if rank0:
             copy_hf_assets(hf_dir, out_dir / ASSETS_DIR)
             meta = checkpoint_metadata(preset, dtype, parallel, str(hf_dir.resolve()), read_hf_config(hf_dir))
-            (out_dir / METADATA_NAME).write_text(json.dumps(meta, indent=2) + "\n")
+            write_marker(out_dir, CONVERTED, meta)  # last: the completion marker
         barrier()
     if rank0:
         log(f"wrote the Megatron-Core checkpoint {out_dir} in {time.perf_counter() - start:.1f} s")

@@ -15,14 +15,9 @@ from collections.abc import Iterator
 
 import torch
 
+from megatron_solopo.checkpoint.format import ASSETS_DIR, CheckpointMarker, marker_path, read_marker
 from megatron_solopo.convert.hf_io import HFShardWriter, copy_hf_assets, parse_size
-from megatron_solopo.convert.hf_to_mcore import (
-    ASSETS_DIR,
-    METADATA_NAME,
-    _resolve_name,
-    check_output_dir,
-    weight_state,
-)
+from megatron_solopo.convert.hf_to_mcore import _resolve_name, check_output_dir, weight_state
 from megatron_solopo.convert.mappings import Geometry, get_mapping
 from megatron_solopo.convert.presets_from_hf import (
     TORCH_DTYPE_NAMES,
@@ -38,38 +33,40 @@ from megatron_solopo.parallel import ParallelConfig
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
+def _read_marker(ckpt_dir: str | os.PathLike) -> CheckpointMarker:
+    if not marker_path(ckpt_dir).is_file():
+        raise FileNotFoundError(f"{marker_path(ckpt_dir)} does not exist: {ckpt_dir} is not a complete checkpoint "
+                                "of this project (pass --preset for other Megatron checkpoints)")
+    return read_marker(ckpt_dir)
+
+
 def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
-    """`solopo_checkpoint.json` of a converted checkpoint (FileNotFoundError with a hint if absent)."""
-    path = pathlib.Path(ckpt_dir) / METADATA_NAME
-    if not path.exists():
-        raise FileNotFoundError(f"{path} does not exist: {ckpt_dir} is not a complete checkpoint written by "
-                                "`solopo convert hf-to-mcore` (pass --preset for other Megatron checkpoints)")
-    return json.loads(path.read_text())
+    """The fields of a checkpoint's `solopo_checkpoint.json` (FileNotFoundError with a hint if absent)."""
+    return _read_marker(ckpt_dir).fields
 
 
 def preset_from_checkpoint(ckpt_dir: str | os.PathLike) -> ModelPreset:
-    """The architecture a converted checkpoint was written with."""
-    return ModelPreset(**read_checkpoint_metadata(ckpt_dir)["preset"])
+    """The architecture a converted or training checkpoint was written with (`checkpoint.checkpoint_preset`)."""
+    from megatron_solopo.checkpoint.loader import checkpoint_preset
+
+    return checkpoint_preset(ckpt_dir)
 
 
 def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, preset: ModelPreset,
                           parallel: ParallelConfig | None = None, params_dtype: str = "fp32",
                           attention_backend: str = "local"):
     """A GPTModel chunk for this rank with the weights of a Megatron distributed checkpoint (any saved
-    layout; Megatron's parallel state must match `parallel`, see runtime.ensure_parallel)."""
-    from megatron.core import dist_checkpointing
-
-    from megatron_solopo.model.builder import build_gpt_model
+    layout; Megatron's parallel state must match `parallel`, see parallel.session.ensure_parallel).
+    One chunk of `checkpoint.load_model`, the one loader."""
+    from megatron_solopo.checkpoint.loader import load_model
 
     parallel = parallel or ParallelConfig()
+    if parallel.virtual_pp:
+        raise ValueError("load_mcore_checkpoint builds one model chunk; with virtual_pp call "
+                         "checkpoint.load_model, which returns every chunk")
     model_config = ModelConfig(checkpoint=str(ckpt_dir), params_dtype=params_dtype,
                                attention_backend=attention_backend)
-    model = build_gpt_model(preset, parallel, model_config, initialize_weights=False)
-    sharded = model.sharded_state_dict()
-    state = dist_checkpointing.load(sharded, str(ckpt_dir))
-    # a training checkpoint also carries optimizer / train-state entries in its common state
-    model.load_state_dict({key: value for key, value in state.items() if key in sharded})
-    return model
+    return load_model(model_config, parallel, preset)[0]
 
 
 def iter_hf_tensors(model, preset: ModelPreset) -> Iterator[tuple[str, torch.Tensor]]:
@@ -135,34 +132,41 @@ def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     """Converts a Megatron distributed checkpoint to a HF checkpoint directory.
 
     Args:
-        ckpt_dir: checkpoint written by `convert_hf_to_mcore` (or any Megatron GPT checkpoint with the
-            same keys, given `preset`).
+        ckpt_dir: a converted (`convert_hf_to_mcore`) or training (step_N) checkpoint (or any Megatron
+            GPT checkpoint with the same keys, given `preset`).
         out_dir: new or empty directory for the HF files.
         max_shard_size: largest safetensors file, e.g. '5GB' or a byte count.
-        dtype: fp32 | bf16 | fp16; default the checkpoint's dtype.
-        preset: architecture (object or registered name); default from the checkpoint's metadata.
+        dtype: fp32 | bf16 | fp16; default the checkpoint's dtype (`checkpoint.checkpoint_dtype`), else bf16.
+        preset: architecture (object or registered name); default the checkpoint's
+            (`checkpoint.checkpoint_preset`: its marker, or a training run's saved config).
         assets_dir: tokenizer/config files to copy; default the checkpoint's hf_assets/.
     """
+    from megatron_solopo.checkpoint.loader import checkpoint_dtype, checkpoint_preset, load_model
+
     ckpt_dir, out_dir = pathlib.Path(ckpt_dir), pathlib.Path(out_dir)
-    meta = {}
+    marker = None
     if preset is None:
-        meta = read_checkpoint_metadata(ckpt_dir)
-        preset = ModelPreset(**meta["preset"])
+        marker = _read_marker(ckpt_dir)
+        preset = checkpoint_preset(ckpt_dir)
     elif isinstance(preset, str):
         preset = get_preset(preset)
-    dtype = dtype or meta.get("dtype", "bf16")
+    dtype = dtype or (checkpoint_dtype(ckpt_dir) if marker is not None else None) or "bf16"
     if dtype not in _TORCH_DTYPES:
         raise ValueError(f"dtype {dtype!r} is not one of {', '.join(_TORCH_DTYPES)}")
-    assets = pathlib.Path(assets_dir) if assets_dir else ckpt_dir / meta.get("hf_assets_dir", ASSETS_DIR)
+    assets = (pathlib.Path(assets_dir) if assets_dir
+              else marker.assets_dir if marker is not None else ckpt_dir / ASSETS_DIR)
+    source_config = marker.hf_config if marker is not None else None
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     start = time.perf_counter()
     with parallel_session(ParallelConfig(), backend="gloo"):
         check_on_rank0(lambda: check_output_dir(out_dir))
-        model = load_mcore_checkpoint(ckpt_dir, preset, params_dtype=dtype)
+        # tp=pp=1 (dist_checkpointing reshards whatever layout saved it); the local spec builds anywhere
+        model_config = ModelConfig(checkpoint=str(ckpt_dir), params_dtype=dtype, attention_backend="local")
+        model = load_model(model_config, ParallelConfig(), preset)[0]
         if is_rank0():
             log(f"loaded {ckpt_dir} ({preset.num_parameters() / 1e6:.1f}M parameters) in "
                 f"{time.perf_counter() - start:.1f} s")
-            shards = write_hf_checkpoint(model, preset, out_dir, dtype, meta.get("hf_config"), assets, max_bytes)
+            shards = write_hf_checkpoint(model, preset, out_dir, dtype, source_config, assets, max_bytes)
             log(f"wrote {len(shards)} safetensors shard(s) + config.json to {out_dir} in "
                 f"{time.perf_counter() - start:.1f} s")
         barrier()

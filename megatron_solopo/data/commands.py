@@ -14,6 +14,10 @@ import json
 import logging
 import sys
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from megatron_solopo.config import ExperimentConfig
 
 __all__ = ["add_arguments", "run", "resolve_model_dir"]
 
@@ -31,7 +35,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
-def resolve_model_dir(config) -> str:
+def resolve_model_dir(config: ExperimentConfig) -> str:
     """data.sampling_model, else model.hf_model, else the default model (fetched/converted on first use)."""
     if config.data.sampling_model:
         return config.data.sampling_model

@@ -47,7 +47,7 @@ def build_sample(sample_dir: pathlib.Path = SAMPLE_DIR, rebuild_tokenizer: bool 
     """Writes sample_dir/pairs.jsonl and summary.json (and the tokenizer when asked or missing)."""
     from megatron_solopo.data.pipeline import build_data
     from megatron_solopo.data.sampling import ScriptedBackend
-    from megatron_solopo.data.testing import build_tiny_tokenizer
+    from megatron_solopo.data.tiny_tokenizer import build_tiny_tokenizer
     from megatron_solopo.data.tokenize import load_tokenizer
 
     tokenizer_dir = sample_dir / "tokenizer"

@@ -11,14 +11,15 @@ import dataclasses
 import re
 
 __all__ = ["EvalConfig", "SUITES", "SYNTHETIC_SUITES", "LONG_SUITES", "DEPTH_SUITES", "BACKENDS",
-           "MEGATRON_DECODE", "ANSWER_EXTRACTION", "DTYPES"]
+           "MEGATRON_DECODE", "ANSWER_EXTRACTION", "DTYPES", "JSONL_LAYOUTS"]
 
 SUITES = {
     "multihop": "synthetic multi-hop QA; the supporting documents as one block at each depth, at each length",
     "niah_single": "NIAH-Plus single-document QA: a one-hop question, its one document at each depth and length",
     "niah_multi": "NIAH-Plus multi-document QA: multi-hop, the supporting documents scattered at random slots",
     "short": "short-context regression check: the multihop questions with their evidence only (no distractors)",
-    "jsonl": "QA rows from JSONL/Parquet files (generic format; e.g. LongBench / RULER QA exports), as given",
+    "jsonl": "QA rows from JSONL/Parquet files (generic format; e.g. LongBench / RULER QA exports): as given, or "
+             "their supporting documents swept over depths and filled to lengths (eval.jsonl_layout=sweep)",
 }
 SYNTHETIC_SUITES = ("multihop", "niah_single", "niah_multi", "short")
 LONG_SUITES = ("multihop", "niah_single", "niah_multi")
@@ -29,6 +30,7 @@ BACKENDS = ("hf", "megatron")
 MEGATRON_DECODE = ("auto", "engine", "static_kv", "recompute")
 ANSWER_EXTRACTION = ("final_answer", "whole_response")
 DTYPES = ("auto", "fp32", "bf16", "fp16")
+JSONL_LAYOUTS = ("as_given", "sweep")
 
 
 @dataclasses.dataclass
@@ -53,13 +55,25 @@ class EvalConfig:
     """Accepted relative distance between a long prompt's length and its target length."""
     jsonl_paths: list[str] = dataclasses.field(default_factory=list)
     """Files for the jsonl suite (generic QA rows: question, answers, supporting_docs and optional
-    distractor_docs, rendered in that order). Required iff "jsonl" is in suites."""
+    distractor_docs; laid out as eval.jsonl_layout says). Required iff "jsonl" is in suites."""
     jsonl_max_items: int | None = None
     """Use only the first N rows of each jsonl file (null: all)."""
+    jsonl_layout: str = "as_given"
+    """as_given: each row once, its documents in file order (supporting first), bucketed by length |
+    sweep: each row at every context length and depth, exactly as the multihop suite: its supporting
+    documents as one block at each depth, filled to each length with the row's own distractor_docs,
+    then the distractor pool. Rows with "as_given": true (e.g. a LongBench row whose one document is
+    its whole context) stay as given in both layouts."""
+    jsonl_distractor_pool_path: str | None = None
+    """jsonl_layout=sweep: a JSONL/Parquet of filler documents (rows with "text" and optional "title").
+    null: the documents of the other rows of eval.jsonl_paths (they must not answer each other's
+    questions)."""
     max_new_tokens: int = 128
     """Longest generated answer in tokens (greedy decoding stops earlier at EOS)."""
     batch_size: int = 4
-    """Prompts per generation batch (prompts are sorted by length so batches waste little padding)."""
+    """Prompts per generation batch, longest first. With backend=hf each prompt is prefilled alone and
+    the batch's answers are decoded together, so this only sets the decoding batch (larger is faster
+    on CPU, costing one KV cache per prompt); the megatron loop and hf-generate pad to the batch."""
     backend: str = "hf"
     """hf: transformers generate with KV cache on a HF checkpoint (a Megatron checkpoint is first
     exported to HF in a temporary directory) | megatron: the Megatron-Core GPTModel itself."""
@@ -91,7 +105,8 @@ class EvalConfig:
 
     def _check_choices(self) -> None:
         for name, allowed in (("backend", BACKENDS), ("megatron_decode", MEGATRON_DECODE),
-                              ("answer_extraction", ANSWER_EXTRACTION), ("dtype", DTYPES)):
+                              ("answer_extraction", ANSWER_EXTRACTION), ("dtype", DTYPES),
+                              ("jsonl_layout", JSONL_LAYOUTS)):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"eval.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.device):
@@ -115,6 +130,16 @@ class EvalConfig:
             raise ValueError("eval.jsonl_max_items is set but the jsonl suite is not in eval.suites; remove it")
         if self.jsonl_max_items is not None and self.jsonl_max_items < 1:
             raise ValueError("eval.jsonl_max_items must be >= 1 or null (all rows)")
+        if self.jsonl_layout != "as_given" and "jsonl" not in self.suites:
+            raise ValueError(f"eval.jsonl_layout={self.jsonl_layout} is set but the jsonl suite is not in eval.suites; "
+                             "remove it")
+        if self.jsonl_distractor_pool_path is not None:
+            if self.jsonl_layout != "sweep":
+                raise ValueError("eval.jsonl_distractor_pool_path only fills contexts with eval.jsonl_layout=sweep; "
+                                 "set eval.jsonl_layout=sweep or remove it")
+            if not isinstance(self.jsonl_distractor_pool_path, str) or not self.jsonl_distractor_pool_path:
+                raise ValueError("eval.jsonl_distractor_pool_path must name a JSONL/Parquet file of documents, or be "
+                                 "null (the other rows' documents)")
 
     def _check_numbers(self) -> None:
         for name in ("num_samples", "max_new_tokens", "batch_size"):

@@ -6,8 +6,12 @@
 * niah_multi  -- NIAH-Plus multi-document QA: multi-hop questions whose documents are scattered at
                  random slots (depth is recorded per document in the item's meta, not swept).
 * short       -- the multihop questions with their evidence only: a short-context regression check.
-* jsonl       -- generic QA rows (question, answers, supporting_docs, distractor_docs) from files,
-                 rendered as given (documents in file order, supporting first); no depth sweep.
+* jsonl       -- generic QA rows (question, answers, supporting_docs, distractor_docs) from files.
+                 eval.jsonl_layout=as_given (default): each row once, documents in file order
+                 (supporting first), bucketed by length. eval.jsonl_layout=sweep: each row in every
+                 (length, depth) cell exactly as multihop, filled with the row's own distractors, then
+                 eval.jsonl_distractor_pool_path (or the other rows' documents); rows marked
+                 ``"as_given": true`` stay as given.
 
 Within a synthetic suite every question is asked in every (length, depth) cell, and for one question
 and length the distractors and their order are the same at every depth: only the evidence block
@@ -37,7 +41,7 @@ from megatron_solopo.data.contexts import (
     render_prompt,
 )
 from megatron_solopo.data.records import Document, QAItem
-from megatron_solopo.data.sources import read_generic
+from megatron_solopo.data.sources import _iter_rows, read_distractor_pool, read_generic
 from megatron_solopo.data.synthetic import generate_synthetic_qa
 from megatron_solopo.eval.config import DEPTH_SUITES, EvalConfig
 
@@ -64,9 +68,9 @@ class EvalItem:
     prompt: str
     """The user prompt (documents and question) before the chat template."""
     context_length: int | None
-    """Target length in tokens (long suites), the length bucket (jsonl), None for short."""
+    """Target length in tokens (long suites, jsonl sweep), the length bucket (jsonl as given), None for short."""
     depth: float | None
-    """Evidence depth in [0, 1] (multihop, niah_single); None where not swept."""
+    """Evidence depth in [0, 1] (multihop, niah_single, jsonl sweep); None where not swept."""
     prompt_tokens: int
     """Measured tokens of `prompt` (no chat template)."""
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
@@ -155,14 +159,80 @@ def _short_items(questions: Sequence[QAItem], config: EvalConfig, counter: Token
                        num_tokens, {"num_hops": item.meta.get("num_hops")})
 
 
-def _jsonl_items(config: EvalConfig, counter: TokenCounter, templates: ContextTemplates) -> Iterable[EvalItem]:
+def _jsonl_rows(config: EvalConfig) -> list[tuple[str, QAItem, bool]]:
+    """(file, item, as_given) for every row of every jsonl file, in file order.
+
+    `as_given` is the row's own ``"as_given": true`` flag (a row that carries its whole context).
+    """
+    rows = []
     for path in config.jsonl_paths:
-        for item in read_generic(path, max_items=config.jsonl_max_items).items:
-            text = render_prompt(item.question, _item_docs(item), templates)
-            num_tokens = counter(text)
-            yield EvalItem("jsonl", f"jsonl/{path}/{item.id}", item.id, item.question, list(item.answers), text,
-                           length_bucket(num_tokens, config.context_lengths), None, num_tokens,
-                           {"file": str(path), **{k: v for k, v in item.meta.items() if k != "source"}})
+        items = read_generic(path, max_items=config.jsonl_max_items).items
+        flags = []
+        for where, obj in _iter_rows(path):
+            if len(flags) == len(items):
+                break
+            flag = obj.get("as_given", False)
+            if not isinstance(flag, bool):
+                raise TypeError(f"{where}: field 'as_given' must be true or false, got {flag!r}")
+            flags.append(flag)
+        rows.extend((str(path), item, flag) for item, flag in zip(items, flags, strict=True))
+    return rows
+
+
+def _as_given_item(path: str, item: QAItem, config: EvalConfig, counter: TokenCounter,
+                   templates: ContextTemplates) -> EvalItem:
+    text = render_prompt(item.question, _item_docs(item), templates)
+    num_tokens = counter(text)
+    return EvalItem("jsonl", f"jsonl/{path}/{item.id}", item.id, item.question, list(item.answers), text,
+                    length_bucket(num_tokens, config.context_lengths), None, num_tokens,
+                    {"file": path, "layout": "as_given", **{k: v for k, v in item.meta.items() if k != "source"}})
+
+
+def _jsonl_pool(config: EvalConfig, rows: Sequence[tuple[str, QAItem, bool]]) -> list[Document]:
+    """The filler documents of the sweep: the pool file, or every row's documents (deduplicated)."""
+    if config.jsonl_distractor_pool_path is not None:
+        return read_distractor_pool(config.jsonl_distractor_pool_path)
+    seen: set[str] = set()
+    pool = []
+    for _, item, _ in rows:
+        for doc in _item_docs(item):
+            if doc.text not in seen:
+                seen.add(doc.text)
+                pool.append(doc)
+    return pool
+
+
+def _jsonl_items(config: EvalConfig, counter: TokenCounter, templates: ContextTemplates,
+                 skipped: collections.Counter, progress_factory: Any = None) -> Iterable[EvalItem]:
+    rows = _jsonl_rows(config)
+    if config.jsonl_layout == "as_given":
+        yield from (_as_given_item(path, item, config, counter, templates) for path, item, _ in rows)
+        return
+    pool = _jsonl_pool(config, rows)
+    swept = sum(not flag for _, _, flag in rows)
+    cells = len(config.context_lengths) * len(config.depths)
+    bar = progress_factory(swept * cells, "building jsonl contexts") if progress_factory and swept else None
+    for path, item, as_given in rows:
+        if as_given:
+            yield _as_given_item(path, item, config, counter, templates)
+            continue
+        for length in config.context_lengths:
+            layout_seed = suite_seed(config.seed, f"jsonl/{path}/{item.id}/{length}")
+            for depth in config.depths:
+                if bar is not None:
+                    bar.update(1)
+                try:
+                    context = long_context_at_depth(item, counter, length, depth, seed=layout_seed, pool=pool,
+                                                    tolerance=config.length_tolerance, templates=templates)
+                except ContextSkip as skip:
+                    skipped[skip.reason] += 1
+                    continue
+                yield EvalItem("jsonl", f"jsonl/{path}/{item.id}/L{length}/d{depth:g}", item.id, item.question,
+                               list(item.answers), context.text, length, depth, context.num_tokens,
+                               {"file": path, "layout": "sweep",
+                                **{k: v for k, v in item.meta.items() if k != "source"}, **context.meta()})
+    if bar is not None:
+        bar.close()
 
 
 def build_suites(config: EvalConfig, tokenizer: Any, templates: ContextTemplates | None = None,
@@ -181,7 +251,7 @@ def build_suites(config: EvalConfig, tokenizer: Any, templates: ContextTemplates
     for name in config.suites:
         reasons: collections.Counter = collections.Counter()
         if name == "jsonl":
-            items.extend(_jsonl_items(config, counter, templates))
+            items.extend(_jsonl_items(config, counter, templates, reasons, progress_factory))
         elif name == "short":
             # the multihop suite's questions, so short vs long accuracy compares the same questions
             questions, _ = _synthetic_items(config, "multihop", hops, counter, templates, need_pool=False)

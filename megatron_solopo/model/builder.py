@@ -16,6 +16,7 @@ from megatron_solopo.model.backends import resolve_attention_backend
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.context import ParallelContext, as_parallel_context
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -101,20 +102,26 @@ def layer_spec(backend: str):
     return spec
 
 
-def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
+def build_gpt_model(preset: ModelPreset, parallel: ParallelContext | ParallelConfig | None = None,
                     model: ModelConfig | None = None, vp_stage: int | None = None,
                     initialize_weights: bool = True):
-    """One GPTModel chunk for this rank (Megatron's parallel state must be initialized).
+    """One GPTModel chunk for this rank.
 
+    parallel: the ParallelContext from initialize_parallel (its stage decides pre/post-processing, its
+    process groups go to GPTModel as its `pg_collection`); a ParallelConfig (or None) stands for the
+    current context, which must have its sizes (`parallel.as_parallel_context`).
     With pipeline parallelism the chunk holds this stage's layers; `vp_stage` selects the virtual
     stage of an interleaved pipeline. `initialize_weights=False` skips random initialization (the
     weights are garbage until loaded): for models whose weights come from a checkpoint, where the
     random init of a 7B+ model on the CPU would cost minutes.
     """
-    from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    parallel = parallel or ParallelConfig()
+    context = as_parallel_context(parallel)
+    parallel = context.config
+    if context.vpp_size > 1 and vp_stage is None:
+        raise ValueError(f"parallel.virtual_pp={context.vpp_size}: pass vp_stage (or build all chunks with "
+                         "build_model_chunks)")
     model = model or ModelConfig(preset=preset.name)
     parallel.check_model(preset.num_layers, preset.num_attention_heads, preset.num_query_groups,
                          preset.vocab_size)
@@ -126,14 +133,15 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
         transformer_layer_spec=layer_spec(backend),
         vocab_size=preset.vocab_size,
         max_sequence_length=preset.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
-        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        pre_process=context.is_first_stage(vp_stage),
+        post_process=context.is_last_stage(vp_stage),
         share_embeddings_and_output_weights=preset.tie_embeddings,
         position_embedding_type="rope",
         rotary_base=int(preset.rotary_base),
         rope_scaling=preset.rope_scaling_factor is not None,
         rope_scaling_factor=preset.rope_scaling_factor or 8.0,
         parallel_output=True,
+        pg_collection=context.pg_collection,  # the context's groups, passed down to the attention
         vp_stage=vp_stage,
     )
     gpt.attention_backend_name = backend
@@ -142,11 +150,11 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelConfig | None = None,
     return gpt
 
 
-def build_model_chunks(preset: ModelPreset, parallel: ParallelConfig | None = None,
+def build_model_chunks(preset: ModelPreset, parallel: ParallelContext | ParallelConfig | None = None,
                        model: ModelConfig | None = None, initialize_weights: bool = True) -> list:
     """All model chunks this rank holds: one, or `virtual_pp` for an interleaved pipeline."""
-    parallel = parallel or ParallelConfig()
-    stages = parallel.virtual_pp or 1
-    return [build_gpt_model(preset, parallel, model, vp_stage=(i if parallel.virtual_pp else None),
+    parallel = as_parallel_context(parallel)
+    stages = parallel.vpp_size
+    return [build_gpt_model(preset, parallel, model, vp_stage=(i if stages > 1 else None),
                             initialize_weights=initialize_weights)
             for i in range(stages)]

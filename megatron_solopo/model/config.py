@@ -11,6 +11,26 @@ FP8_RECIPES = ("delayed", "tensorwise", "mxfp8", "blockwise")
 RECOMPUTE = ("none", "selective", "full")
 
 
+@dataclasses.dataclass(frozen=True)
+class LogprobHeadConfig:
+    """How the response-only LM head trades memory for compute (`model.logprob_head` in YAML).
+
+    The head computes log-probs only at response positions, in chunks; the defaults suit any length.
+    """
+
+    chunk_tokens: int = 2048
+    """Response positions per output-layer call: the fp32 logits of one chunk, chunk_tokens x V/tp
+    x 4 bytes (1 GiB at 2048 x 128K), bound the head's working memory."""
+    recompute: bool = True
+    """Recompute each chunk's logits in the backward instead of keeping their fp32 softmax
+    (chunk x V/tp) for every chunk until the backward; costs one extra output-layer matmul over the
+    response rows only."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
+            raise ValueError(f"model.logprob_head.chunk_tokens must be a positive integer, got {self.chunk_tokens!r}")
+
+
 @dataclasses.dataclass
 class ModelConfig:
     """Which model to build and how it computes (precision, kernels, recomputation)."""
@@ -37,6 +57,9 @@ class ModelConfig:
     """Activation recomputation: none | selective (core attention) | full (whole layers)."""
     recompute_num_layers: int = 1
     """With recompute=full: layers per recomputed block (uniform method)."""
+    logprob_head: LogprobHeadConfig = dataclasses.field(default_factory=LogprobHeadConfig)
+    """The response-only LM head's memory/compute trade-off (chunk_tokens, recompute); the same for
+    training and the reference pass."""
     init_seed: int = 1234
     """Seed for random initialization. The weights are identical for any TP size (full master
     weights are drawn on the CPU and split); a different PP size draws the layers in another order,

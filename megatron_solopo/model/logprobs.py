@@ -39,6 +39,8 @@ import dataclasses
 import torch
 import torch.utils.checkpoint
 
+from megatron_solopo.model.config import LogprobHeadConfig  # the `model.logprob_head` section
+
 __all__ = [
     "LogprobHeadConfig",
     "ResponseRows",
@@ -46,23 +48,6 @@ __all__ = [
     "response_logprob_sums",
     "response_token_logprobs",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class LogprobHeadConfig:
-    """How the response-only LM head trades memory for compute."""
-
-    chunk_tokens: int = 2048
-    """Response positions per output-layer call: the fp32 logits of one chunk, chunk_tokens x V/tp
-    x 4 bytes (1 GiB at 2048 x 128K), bound the head's working memory."""
-    recompute: bool = True
-    """Recompute each chunk's logits in the backward instead of keeping their fp32 softmax
-    (chunk x V/tp) for every chunk until the backward; costs one extra output-layer matmul over the
-    response rows only."""
-
-    def __post_init__(self) -> None:
-        if isinstance(self.chunk_tokens, bool) or not isinstance(self.chunk_tokens, int) or self.chunk_tokens < 1:
-            raise ValueError(f"LogprobHeadConfig.chunk_tokens must be a positive integer, got {self.chunk_tokens!r}")
 
 
 @dataclasses.dataclass
@@ -135,9 +120,8 @@ def response_token_logprobs(hidden_states: torch.Tensor, output_layer, rows: Res
             raise ValueError("the output layer is sequence-parallel but the micro-batch was collated without "
                              "sequence-parallel row tables; build it with collate_microbatches(..., parallel) "
                              "where parallel.sequence_parallel=True")
-        from megatron.core import parallel_state
-
-        local_index = rows.sp_local_index[parallel_state.get_tensor_model_parallel_rank()]  # [m]
+        tp_rank = torch.distributed.get_rank(group=output_layer.tp_group)  # the output layer's own TP group
+        local_index = rows.sp_local_index[tp_rank]  # [m]
         tp = rows.sp_local_index.size(0)
         targets, segments = rows.sp_targets.view(tp, -1), rows.sp_segments
         pieces = []

@@ -12,7 +12,8 @@ counts, identical for the short and long context because the response is the sam
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import MappingProxyType
 
 import torch
 
@@ -21,13 +22,14 @@ from megatron_solopo.objectives.losses import (
     NLL_WEIGHT,
     RA_DISTANCES,
     RA_ON,
+    REDUCTIONS,
     SOLO_ALPHA,
-    longpo_loss,
     objective_hparam_specs,
     objectives_accepting,
-    preference_loss,
     resolve_hparams,
-    solopo_loss,
+    resolved_longpo_loss,
+    resolved_preference_loss,
+    resolved_solopo_loss,
 )
 from megatron_solopo.objectives.registry import get_objective
 
@@ -55,34 +57,48 @@ MODES = {
     "expand_long": "expand-long baseline: base objective on (x_long; y_w, y_l), pairs sampled on x_short",
     "longpo": "LongPO baseline: DPO, policy on x_long, reference on x_short, + nll_weight * NLL(y_w | x_long)",
 }
-_BASE_HPARAM_FIELDS = ("beta", "gamma", "lam", "label_smoothing")
+_LEGACY_HPARAM_FIELDS = ("beta", "gamma", "lam", "label_smoothing")
+"""Hyperparameters of the built-in objectives that may also be set as flat keys (objective.beta)."""
 _SOLO_FIELDS = ("alpha", "ra_distance", "ra_on")
 
 
-@dataclass
+@dataclass(frozen=True)
 class ObjectiveConfig:
     """Which preference objective to train with, in which mode, and its hyperparameters.
 
-    A hyperparameter left as None takes the objective's default (see `hparams()` for the effective
-    values). One that the chosen objective/mode does not use is an error, never silently ignored.
+    The base objective's own hyperparameters are those its registry entry declares
+    (`PreferenceObjective.hparams`), set under `hparams` (any registered objective) or, for the
+    built-in ones, as the flat keys beta/gamma/lam/label_smoothing. A hyperparameter left out takes
+    the objective's default. One that the chosen objective/mode does not use is an error naming the
+    valid ones, never silently ignored. Everything is validated and resolved once, at construction:
+    `resolved_hparams` holds the effective loss keyword arguments. Frozen: change it with
+    `dataclasses.replace`, which validates again.
     """
 
     name: str = "orpo"
-    """Base objective: "dpo", "ipo", "simpo", "orpo" (or any registered one). Default orpo: the
-    paper's strongest SoLoPO variant on Qwen2.5-7B, and reference-free (no reference passes)."""
+    """Base objective: "dpo", "ipo", "simpo", "orpo" or any registered one
+    (`objectives.register_objective`). Default orpo: the paper's strongest SoLoPO variant on
+    Qwen2.5-7B, and reference-free (no reference passes)."""
     mode: str = "solo"
     """How the objective is applied (which sequences are scored):
     "solo" SoLoPO; "short" short-context PO only; "long" long-X (pairs sampled on x_long, trained on
     x_long); "expand_long" (pairs sampled on x_short, trained on x_long, no SoLo-RA); "longpo" LongPO
     (name must be "dpo"). long and expand_long share the loss: the data decides which pairs are fed."""
+    hparams: dict[str, float] = field(default_factory=dict)
+    """The base objective's own hyperparameters by name, e.g. {beta: 0.05} for dpo or {margin: 0.3}
+    for a registered objective declaring `margin`; each must be one the objective declares (see
+    docs/objectives.md). Missing ones take the objective's defaults."""
     beta: float | None = None
-    """Inverse temperature of the reward: dpo/ipo default 0.1, simpo default 2.0 (not used by orpo)."""
+    """Shorthand for hparams.beta: inverse temperature of the reward, dpo/ipo default 0.1, simpo default
+    2.0 (not used by orpo)."""
     gamma: float | None = None
-    """SimPO target margin (absolute), default 1.0. simpo only."""
+    """Shorthand for hparams.gamma: SimPO target margin (absolute), default 1.0. simpo only."""
     lam: float | None = None
-    """ORPO weight of the odds-ratio term (the ORPO paper's lambda), default 0.1. orpo only."""
+    """Shorthand for hparams.lam: ORPO weight of the odds-ratio term (the ORPO paper's lambda), default
+    0.1. orpo only."""
     label_smoothing: float | None = None
-    """Conservative-DPO label flip probability in [0, 0.5), default 0.0. dpo, simpo and longpo only."""
+    """Shorthand for hparams.label_smoothing: conservative-DPO label flip probability in [0, 0.5),
+    default 0.0. dpo, simpo and longpo only."""
     sft_weight: float | None = None
     """Weight of an extra length-averaged NLL of the (short) chosen response, default 0.0. Not in
     longpo mode, which has its own nll_weight."""
@@ -103,24 +119,21 @@ class ObjectiveConfig:
         where = "objective"
         if self.mode not in MODES:
             raise ValueError(f"{where}.mode={self.mode!r} is not one of {sorted(MODES)}")
-        objective = get_objective(self.name)
+        get_objective(self.name)  # an unknown name lists the registered ones
         if self.mode == "longpo" and self.name != LONGPO_OBJECTIVE:
             raise ValueError(
                 f"{where}.mode='longpo' is defined for DPO only (its reference model sees x_short); "
                 f"set objective.name='{LONGPO_OBJECTIVE}' or choose another mode"
             )
-        for key in _BASE_HPARAM_FIELDS:
-            if getattr(self, key) is not None and key not in objective.hparams:
-                raise ValueError(
-                    f"{where}.{key}={getattr(self, key)!r} is not a hyperparameter of {self.name!r} "
-                    f"(it belongs to {objectives_accepting(key)}); {self.name!r} accepts "
-                    f"{sorted(objective.hparams)}. Remove it."
-                )
+        if not isinstance(self.hparams, Mapping):
+            raise TypeError(f"{where}.hparams must be a mapping of hyperparameter name -> value, "
+                            f"got {self.hparams!r}")
+        object.__setattr__(self, "hparams", dict(self.hparams))  # a private copy: the config is frozen
         self._reject_unused("sft_weight", self.mode == "longpo", "longpo mode uses nll_weight instead")
         for key in _SOLO_FIELDS:
             self._reject_unused(key, self.mode != "solo", "it only applies to mode 'solo' (SoLoPO)")
         self._reject_unused("nll_weight", self.mode != "longpo", "it only applies to mode 'longpo'")
-        self.hparams()  # checks every value's type and range
+        object.__setattr__(self, "_resolved", self._resolve())
 
     def _reject_unused(self, key: str, unused: bool, why: str) -> None:
         if unused and getattr(self, key) is not None:
@@ -128,10 +141,37 @@ class ObjectiveConfig:
                 f"objective.{key}={getattr(self, key)!r} is not used with mode {self.mode!r}: {why}. Remove it."
             )
 
-    def hparams(self) -> dict[str, object]:
+    def _given(self) -> dict[str, object]:
+        """The base objective's hyperparameters as given (hparams + flat keys), each one it declares."""
+        declared = get_objective(self.name).hparams
+        given: dict[str, object] = {}
+        for key, value in self.hparams.items():
+            if not isinstance(key, str) or key not in declared:
+                raise ValueError(
+                    f"objective.hparams.{key}={value!r} is not a hyperparameter of {self.name!r} "
+                    f"(used by: {objectives_accepting(key) if isinstance(key, str) else []}); {self.name!r} "
+                    f"accepts {sorted(declared)}. Remove it or choose the objective it belongs to."
+                )
+            given[key] = value
+        for key in _LEGACY_HPARAM_FIELDS:
+            value = getattr(self, key)
+            if value is None:
+                continue
+            if key not in declared:
+                raise ValueError(
+                    f"objective.{key}={value!r} is not a hyperparameter of {self.name!r} "
+                    f"(it belongs to {objectives_accepting(key)}); {self.name!r} accepts "
+                    f"{sorted(declared)}. Remove it."
+                )
+            if key in given:
+                raise ValueError(f"objective.{key} and objective.hparams.{key} are both set; keep one of them")
+            given[key] = value
+        return given
+
+    def _resolve(self) -> dict[str, object]:
         """The effective keyword arguments for this mode's loss function (defaults filled in, checked)."""
         where = f"objective (name={self.name!r}, mode={self.mode!r})"
-        given = {key: getattr(self, key) for key in _BASE_HPARAM_FIELDS if getattr(self, key) is not None}
+        given = self._given()
         if self.mode == "longpo":
             resolved: dict[str, object] = dict(resolve_hparams(get_objective(LONGPO_OBJECTIVE).hparams, given, where))
             resolved["nll_weight"] = NLL_WEIGHT.check(
@@ -148,6 +188,15 @@ class ObjectiveConfig:
             resolved["ra_on"] = _choice(self.ra_on, RA_ON, "ra_on")
         return resolved
 
+    @property
+    def resolved_hparams(self) -> Mapping[str, object]:
+        """The effective, validated keyword arguments of this mode's loss function (read-only view).
+
+        Computed once when the config is built: the objective's hyperparameters with defaults filled
+        in, plus sft_weight, and alpha/ra_distance/ra_on (solo) or nll_weight (longpo).
+        """
+        return MappingProxyType(self._resolved)
+
 
 def _choice(value: str | None, choices: tuple[str, ...], key: str) -> str:
     """None -> the first (default) choice; anything outside `choices` is an error."""
@@ -162,7 +211,7 @@ def _choice(value: str | None, choices: tuple[str, ...], key: str) -> str:
 def required_sequences(config: ObjectiveConfig) -> frozenset[str]:
     """Sequences the policy must run a forward (and backward) pass on, per preference pair."""
     if config.mode == "solo":
-        both = config.hparams()["ra_on"] == "both"
+        both = config.resolved_hparams["ra_on"] == "both"
         return frozenset({SHORT_CHOSEN, SHORT_REJECTED, LONG_CHOSEN} | ({LONG_REJECTED} if both else set()))
     if config.mode == "short":
         return frozenset({SHORT_CHOSEN, SHORT_REJECTED})
@@ -202,7 +251,7 @@ LossResult = tuple[torch.Tensor, dict[str, object]]
 
 
 def _solo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
-    return solopo_loss(
+    return resolved_solopo_loss(
         config.name,
         stats["short_chosen_logps"],
         stats["short_rejected_logps"],
@@ -215,13 +264,13 @@ def _solo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction:
         long_rejected_logps=stats.get("long_rejected_logps"),
         ref_long_rejected_logps=stats.get("ref_long_rejected_logps"),
         reduction=reduction,
-        **config.hparams(),
+        hparams=config.resolved_hparams,
     )
 
 
 def _one_context(context: str) -> Callable[[ObjectiveConfig, Mapping[str, torch.Tensor], str], LossResult]:
     def loss(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
-        return preference_loss(
+        return resolved_preference_loss(
             config.name,
             stats[f"{context}_chosen_logps"],
             stats[f"{context}_rejected_logps"],
@@ -230,14 +279,14 @@ def _one_context(context: str) -> Callable[[ObjectiveConfig, Mapping[str, torch.
             ref_chosen_logps=stats.get(f"ref_{context}_chosen_logps"),
             ref_rejected_logps=stats.get(f"ref_{context}_rejected_logps"),
             reduction=reduction,
-            **config.hparams(),
+            hparams=config.resolved_hparams,
         )
 
     return loss
 
 
 def _longpo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
-    return longpo_loss(
+    return resolved_longpo_loss(
         stats["long_chosen_logps"],
         stats["long_rejected_logps"],
         stats["chosen_tokens"],
@@ -245,7 +294,7 @@ def _longpo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reductio
         stats["ref_short_chosen_logps"],
         stats["ref_short_rejected_logps"],
         reduction=reduction,
-        **config.hparams(),
+        hparams=config.resolved_hparams,
     )
 
 
@@ -267,7 +316,14 @@ def objective_loss(
     is an error; an extra "*_logps" key is too, since it means a wasted forward pass or the wrong
     mode) and "chosen_tokens" / "rejected_tokens". Other keys are not read. reduction="sum" (default)
     returns the batch sum for normalisation by a global pair count; see `preference_loss`.
+
+    The hyperparameters are the config's `resolved_hparams` (validated once, when the config was
+    built) and the tensors' values are not checked: no host sync, and NaN/Inf log-probs give a
+    NaN/Inf loss instead of an error (the trainer checks the loss once per step). Call the public
+    loss functions (`solopo_loss`, ...) for checked inputs.
     """
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"objective_loss: reduction={reduction!r} is not one of {list(REDUCTIONS)}")
     required = required_batch_keys(config)
     missing = sorted(required - set(batch_stats))
     unexpected = sorted(key for key in batch_stats if key.endswith("_logps") and key not in required)

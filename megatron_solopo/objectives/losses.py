@@ -36,6 +36,9 @@ __all__ = [
     "preference_loss",
     "solopo_loss",
     "longpo_loss",
+    "resolved_preference_loss",
+    "resolved_solopo_loss",
+    "resolved_longpo_loss",
     "objective_hparam_specs",
     "resolve_hparams",
     "objectives_accepting",
@@ -58,6 +61,8 @@ SFT_WEIGHT = HParam(0.0, "weight of the length-averaged NLL -logp(y_w|x)/|y_w| o
 SOLO_ALPHA = HParam(1.0, "weight alpha of the short-to-long reward alignment (SoLo-RA) term", low=0.0)
 # LongPO's public training script uses dpo_lambda=0.01 (and dpo_beta=0.01).
 NLL_WEIGHT = HParam(0.01, "LongPO: weight of the length-averaged NLL of the chosen response under x_long", low=0.0)
+
+_SOLO_KEYS = ("alpha", "ra_distance", "ra_on")
 
 COUNT_METRICS = frozenset({"orpo/clamped"})
 """Metrics that count events (summed over pairs, never averaged); the trainer reports them as totals."""
@@ -115,11 +120,12 @@ def _check_references(objective: PreferenceObjective, refs: Mapping[str, object]
 
 
 def _check_inputs(
-    logps: Mapping[str, torch.Tensor | None], tokens: Mapping[str, object], where: str
+    logps: Mapping[str, torch.Tensor | None], tokens: Mapping[str, object], where: str, check_values: bool = True
 ) -> torch.dtype:
-    """Type, shape, device and value checks of all inputs; returns the dtype to compute in.
+    """Type, shape, device and (with check_values) value checks of all inputs; returns the dtype to compute in.
 
-    Finiteness and positivity are checked with one host sync for all tensors together.
+    Finiteness and positivity are checked with one host sync for all tensors together; check_values=False
+    skips that sync (non-finite inputs then give a non-finite loss instead of an error).
     """
     given_logps = {key: value for key, value in logps.items() if value is not None}
     tensors = {**given_logps, **tokens}
@@ -143,7 +149,8 @@ def _check_inputs(
             raise ValueError(f"{where}: {key} is on {value.device} but {first_key} is on {first.device}")
     if first.numel() == 0:
         raise ValueError(f"{where}: empty batch (B = 0); call the loss only for micro-batches with pairs")
-    _check_values(given_logps, tokens, where)
+    if check_values:
+        _check_values(given_logps, tokens, where)
     compute_dtype = torch.float32
     for value in given_logps.values():
         compute_dtype = torch.promote_types(compute_dtype, value.dtype)
@@ -310,9 +317,32 @@ def preference_loss(
     Returns (loss, metrics), see the module docstring for `reduction` and the metric names.
     """
     where = f"preference_loss({name!r})"
-    objective = get_objective(name)
     resolved = resolve_hparams(objective_hparam_specs(name), hparams, where)
     _check_choice(reduction, REDUCTIONS, "reduction", where)
+    return resolved_preference_loss(name, chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
+                                    ref_chosen_logps, ref_rejected_logps, reduction=reduction, hparams=resolved,
+                                    check_values=True)
+
+
+def resolved_preference_loss(
+    name: str,
+    chosen_logps: torch.Tensor,
+    rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    ref_chosen_logps: torch.Tensor | None = None,
+    ref_rejected_logps: torch.Tensor | None = None,
+    *,
+    reduction: str,
+    hparams: Mapping[str, object],
+    check_values: bool = False,
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """`preference_loss` with `hparams` already resolved (every one present and checked, e.g.
+    `ObjectiveConfig.resolved_hparams`): nothing is re-validated, and without check_values the
+    inputs' values are not checked either (no host sync; NaN/Inf inputs give a NaN/Inf loss)."""
+    where = f"preference_loss({name!r})"
+    objective = get_objective(name)
+    resolved = hparams
     refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
     _check_references(objective, refs, where)
     dtype = _check_inputs(
@@ -324,6 +354,7 @@ def preference_loss(
         },
         {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens},
         where,
+        check_values,
     )
     chosen = _stats(chosen_logps, chosen_tokens, ref_chosen_logps, dtype)
     rejected = _stats(rejected_logps, rejected_tokens, ref_rejected_logps, dtype)
@@ -361,12 +392,41 @@ def solopo_loss(
     hparams are those of `preference_loss`; sft_weight applies to the short chosen.
     """
     where = f"solopo_loss({name!r})"
-    objective = get_objective(name)
     resolved = resolve_hparams(objective_hparam_specs(name), hparams, where)
-    alpha = SOLO_ALPHA.check("alpha", alpha, where)
-    _check_choice(ra_distance, RA_DISTANCES, "ra_distance", where)
-    _check_choice(ra_on, RA_ON, "ra_on", where)
+    resolved["alpha"] = SOLO_ALPHA.check("alpha", alpha, where)
+    resolved["ra_distance"] = _check_choice(ra_distance, RA_DISTANCES, "ra_distance", where)
+    resolved["ra_on"] = _check_choice(ra_on, RA_ON, "ra_on", where)
     _check_choice(reduction, REDUCTIONS, "reduction", where)
+    return resolved_solopo_loss(
+        name, short_chosen_logps, short_rejected_logps, long_chosen_logps, chosen_tokens, rejected_tokens,
+        ref_short_chosen_logps, ref_short_rejected_logps, ref_long_chosen_logps, long_rejected_logps,
+        ref_long_rejected_logps, reduction=reduction, hparams=resolved, check_values=True,
+    )
+
+
+def resolved_solopo_loss(
+    name: str,
+    short_chosen_logps: torch.Tensor,
+    short_rejected_logps: torch.Tensor,
+    long_chosen_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    ref_short_chosen_logps: torch.Tensor | None = None,
+    ref_short_rejected_logps: torch.Tensor | None = None,
+    ref_long_chosen_logps: torch.Tensor | None = None,
+    long_rejected_logps: torch.Tensor | None = None,
+    ref_long_rejected_logps: torch.Tensor | None = None,
+    *,
+    reduction: str,
+    hparams: Mapping[str, object],
+    check_values: bool = False,
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """`solopo_loss` with `hparams` already resolved (the objective's, sft_weight, alpha, ra_distance,
+    ra_on; e.g. `ObjectiveConfig.resolved_hparams`): see `resolved_preference_loss`."""
+    where = f"solopo_loss({name!r})"
+    objective = get_objective(name)
+    resolved = {key: value for key, value in hparams.items() if key not in _SOLO_KEYS}
+    alpha, ra_distance, ra_on = (hparams[key] for key in _SOLO_KEYS)
     _check_ra_on_inputs(ra_on, long_rejected_logps, ref_long_rejected_logps, where)
     refs = {
         "ref_short_chosen_logps": ref_short_chosen_logps,
@@ -386,6 +446,7 @@ def solopo_loss(
         },
         {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens},
         where,
+        check_values,
     )
     short_chosen = _stats(short_chosen_logps, chosen_tokens, ref_short_chosen_logps, dtype)
     short_rejected = _stats(short_rejected_logps, rejected_tokens, ref_short_rejected_logps, dtype)
@@ -423,16 +484,39 @@ def longpo_loss(
     where = "longpo_loss"
     if "sft_weight" in hparams:
         raise ValueError(f"{where}: LongPO's chosen-NLL term is weighted by nll_weight; sft_weight is not accepted")
-    objective = get_objective(LONGPO_OBJECTIVE)
-    resolved = resolve_hparams(objective.hparams, hparams, where)
-    nll_weight = NLL_WEIGHT.check("nll_weight", nll_weight, where)
+    resolved = resolve_hparams(get_objective(LONGPO_OBJECTIVE).hparams, hparams, where)
+    resolved["nll_weight"] = NLL_WEIGHT.check("nll_weight", nll_weight, where)
     _check_choice(reduction, REDUCTIONS, "reduction", where)
+    return resolved_longpo_loss(long_chosen_logps, long_rejected_logps, chosen_tokens, rejected_tokens,
+                                ref_short_chosen_logps, ref_short_rejected_logps, reduction=reduction,
+                                hparams=resolved, check_values=True)
+
+
+def resolved_longpo_loss(
+    long_chosen_logps: torch.Tensor,
+    long_rejected_logps: torch.Tensor,
+    chosen_tokens: torch.Tensor,
+    rejected_tokens: torch.Tensor,
+    ref_short_chosen_logps: torch.Tensor,
+    ref_short_rejected_logps: torch.Tensor,
+    *,
+    reduction: str,
+    hparams: Mapping[str, object],
+    check_values: bool = False,
+) -> tuple[torch.Tensor, dict[str, object]]:
+    """`longpo_loss` with `hparams` already resolved (DPO's and nll_weight; e.g.
+    `ObjectiveConfig.resolved_hparams` in mode longpo): see `resolved_preference_loss`."""
+    where = "longpo_loss"
+    objective = get_objective(LONGPO_OBJECTIVE)
+    resolved = {key: value for key, value in hparams.items() if key != "nll_weight"}
+    nll_weight = hparams["nll_weight"]
     refs = {"ref_short_chosen_logps": ref_short_chosen_logps, "ref_short_rejected_logps": ref_short_rejected_logps}
     _check_references(objective, refs, where)
     dtype = _check_inputs(
         {"long_chosen_logps": long_chosen_logps, "long_rejected_logps": long_rejected_logps, **refs},
         {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens},
         where,
+        check_values,
     )
     chosen = _stats(long_chosen_logps, chosen_tokens, ref_short_chosen_logps, dtype)
     rejected = _stats(long_rejected_logps, rejected_tokens, ref_short_rejected_logps, dtype)

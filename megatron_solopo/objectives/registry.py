@@ -94,6 +94,9 @@ class HParam:
         return number
 
 
+RESERVED_HPARAM_NAMES = frozenset({"sft_weight", "alpha", "ra_distance", "ra_on", "nll_weight", "reduction", "name"})
+"""Keyword names the loss functions and `ObjectiveConfig` use themselves; no objective may declare them."""
+
 # loss(chosen, rejected, hparams) -> (per-pair loss [B], extra loss components name -> [B])
 PairLossFn = Callable[[SequenceStats, SequenceStats, Mapping[str, float]], tuple[torch.Tensor, dict[str, torch.Tensor]]]
 # reward(seq, hparams) -> implicit reward r(x, y), [B], differentiable (SoLo-RA backpropagates through it)
@@ -116,7 +119,9 @@ class PreferenceObjective:
     reward: the implicit reward r(x, y) of one sequence, [B]; SoLo-RA penalises its short-to-long gap.
     needs_reference: True if pair_loss/reward read `SequenceStats.ref_logps` (then every sequence
         passed to them carries reference log-probs; if False, passing any is an error).
-    hparams: name -> HParam for every hyperparameter pair_loss/reward read (others are rejected).
+    hparams: name -> HParam for every hyperparameter pair_loss/reward read (others are rejected). They
+        are the objective's own config keys: `objective: {name: <name>, hparams: {<key>: value}}` in
+        YAML, validated once when the config is built (no other file needs to know them).
     counters: optional per-pair event counts to report (summed over the batch, e.g. clamps).
     summary: one-line formula for docs and errors.
     """
@@ -134,6 +139,12 @@ class PreferenceObjective:
             raise ValueError(f"objective name {self.name!r} must be a non-empty lower-case identifier")
         if not callable(self.pair_loss) or not callable(self.reward) or not callable(self.counters):
             raise TypeError(f"objective {self.name!r}: pair_loss, reward and counters must be callables")
+        for key, spec in self.hparams.items():
+            if not isinstance(key, str) or not key.isidentifier() or key in RESERVED_HPARAM_NAMES:
+                raise ValueError(f"objective {self.name!r}: hyperparameter name {key!r} must be an identifier "
+                                 f"other than {sorted(RESERVED_HPARAM_NAMES)} (those are set by the mode)")
+            if not isinstance(spec, HParam):
+                raise TypeError(f"objective {self.name!r}: hparams[{key!r}] must be an HParam, got {spec!r}")
 
 
 _REGISTRY: dict[str, PreferenceObjective] = {}

@@ -1,6 +1,13 @@
 """Parallel layout, process groups, context-parallel sharding and the CPU shim for Megatron-Core."""
 
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.context import (
+    ParallelContext,
+    as_parallel_context,
+    current_parallel_context,
+    fp8_seq_multiple,
+    seq_len_divisor,
+)
 from megatron_solopo.parallel.cp import (
     cp_all_reduce_sum,
     cp_gather,
@@ -19,7 +26,8 @@ from megatron_solopo.parallel.session import barrier, check_on_rank0, ensure_par
 from megatron_solopo.parallel.shim import install_cpu_shim, shim_active
 
 __all__ = [
-    "ParallelConfig", "initialize_parallel", "destroy_parallel", "init_process_group", "read_launch_env",
+    "ParallelConfig", "ParallelContext", "current_parallel_context", "as_parallel_context", "fp8_seq_multiple",
+    "seq_len_divisor", "initialize_parallel", "destroy_parallel", "init_process_group", "read_launch_env",
     "install_cpu_shim", "shim_active",
     "parallel_session", "ensure_parallel", "is_rank0", "barrier", "check_on_rank0",
     "cp_shard", "cp_unshard", "cp_shard_thd", "cp_unshard_thd", "cp_gather", "cp_all_reduce_sum",

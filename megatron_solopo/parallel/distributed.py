@@ -12,6 +12,7 @@ import torch
 import torch.distributed as dist
 
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.context import ParallelContext, _set_current
 from megatron_solopo.parallel.shim import install_cpu_shim
 
 
@@ -80,10 +81,12 @@ def init_process_group(launch: LaunchEnv | None = None, backend: str | None = No
 
 
 def initialize_parallel(parallel: ParallelConfig | None = None, seed: int = 1234,
-                        launch: LaunchEnv | None = None, backend: str | None = None) -> ParallelConfig:
+                        launch: LaunchEnv | None = None, backend: str | None = None) -> ParallelContext:
     """Brings up torch.distributed and Megatron's TP/PP/CP/DP groups for `parallel`, seeds the RNGs.
 
-    Re-initializes Megatron's groups when they exist with another layout. Returns the config.
+    Re-initializes Megatron's groups when they exist (another layout, or the same). Returns this
+    rank's `ParallelContext` (sizes, ranks, groups): pass it to collation, the step, the reference
+    pass and the model builder. It is also `current_parallel_context()` until the next call.
     """
     from megatron.core import parallel_state
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
@@ -91,6 +94,7 @@ def initialize_parallel(parallel: ParallelConfig | None = None, seed: int = 1234
     parallel = parallel or ParallelConfig()
     launch = init_process_group(launch, backend)
     parallel.dp_size(dist.get_world_size())  # raises with the sizes when they do not divide the world
+    _set_current(None)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
@@ -102,7 +106,9 @@ def initialize_parallel(parallel: ParallelConfig | None = None, seed: int = 1234
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
-    return parallel
+    context = ParallelContext.from_megatron(parallel)
+    _set_current(context)
+    return context
 
 
 def destroy_parallel() -> None:
@@ -114,6 +120,7 @@ def destroy_parallel() -> None:
     """
     from megatron.core import parallel_state
 
+    _set_current(None)
     if parallel_state.model_parallel_is_initialized():
         parallel_state.destroy_model_parallel()
     if dist.is_initialized():

@@ -9,24 +9,28 @@ from collections.abc import Callable, Iterator
 import torch.distributed as dist
 
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.context import (
+    ParallelContext,
+    _megatron_initialized,
+    _set_current,
+    as_parallel_context,
+    current_parallel_context,
+)
 from megatron_solopo.parallel.distributed import destroy_parallel, initialize_parallel, read_launch_env
 
 
-def _current_layout() -> tuple[int, int, int]:
-    from megatron.core import parallel_state as ps
-
-    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
-            ps.get_context_parallel_world_size())
-
-
-def ensure_parallel(parallel: ParallelConfig, backend: str | None = None) -> bool:
-    """Makes Megatron's parallel state match `parallel`; returns True when this call created the
-    process group (the caller then owns its teardown).
+def ensure_parallel(parallel: ParallelConfig, backend: str | None = None) -> ParallelContext:
+    """Makes the process groups match `parallel`; returns this rank's `ParallelContext`.
 
     No process group yet: one is created from the torchrun/SLURM environment, or a single gloo/nccl
     process without a launcher. A group that exists with another TP/PP/CP layout is an error (we do
     not silently re-initialize groups a caller may be using).
     """
+    return _ensure_parallel(parallel, backend)[0]
+
+
+def _ensure_parallel(parallel: ParallelConfig, backend: str | None) -> tuple[ParallelContext, bool]:
+    """(context, whether this call created the process group: the caller then owns its teardown)."""
     if not dist.is_initialized():
         world = _launch_world_size()
         if world % parallel.model_parallel_size:
@@ -34,19 +38,28 @@ def ensure_parallel(parallel: ParallelConfig, backend: str | None = None) -> boo
                 f"tp*pp*cp = {parallel.model_parallel_size} does not divide the {world} process(es) of this "
                 f"run; launch with `torchrun --nproc-per-node {parallel.model_parallel_size} ...` (a "
                 "Megatron distributed checkpoint reshards on load, so converting at tp=pp=1 is enough)")
-        initialize_parallel(parallel, backend=backend)
-        return True
-    from megatron.core import parallel_state as ps
-
-    if not ps.model_parallel_is_initialized():
-        initialize_parallel(parallel, backend=backend)
-        return False
-    layout = _current_layout()
+        return initialize_parallel(parallel, backend=backend), True
+    current = current_parallel_context(required=False)
+    if current is None and not _megatron_initialized():
+        return initialize_parallel(parallel, backend=backend), False
+    layout = ((current.tp_size, current.pp_size, current.cp_size) if current is not None
+              else _megatron_layout())
     if layout != (parallel.tp, parallel.pp, parallel.cp):
         raise ValueError(f"Megatron's parallel state is initialized with (tp, pp, cp) = {layout}, but the "
                          f"conversion asked for {(parallel.tp, parallel.pp, parallel.cp)}; pass the "
                          "ParallelConfig the process group was initialized with")
-    return False
+    if current is None:  # Megatron's groups were set up outside initialize_parallel: adopt them
+        current = ParallelContext.from_megatron(parallel)
+        _set_current(current)
+        return current, False
+    return as_parallel_context(parallel), False
+
+
+def _megatron_layout() -> tuple[int, int, int]:
+    from megatron.core import parallel_state as ps
+
+    return (ps.get_tensor_model_parallel_world_size(), ps.get_pipeline_model_parallel_world_size(),
+            ps.get_context_parallel_world_size())
 
 
 def _launch_world_size() -> int:
@@ -54,11 +67,11 @@ def _launch_world_size() -> int:
 
 
 @contextlib.contextmanager
-def parallel_session(parallel: ParallelConfig, backend: str | None = None) -> Iterator[None]:
-    """`ensure_parallel` for the duration of a command; tears down only what it created."""
-    created = ensure_parallel(parallel, backend)
+def parallel_session(parallel: ParallelConfig, backend: str | None = None) -> Iterator[ParallelContext]:
+    """`ensure_parallel` for the duration of a command (yields the context); tears down only what it created."""
+    context, created = _ensure_parallel(parallel, backend)
     try:
-        yield
+        yield context
     finally:
         if created:
             destroy_parallel()

@@ -23,7 +23,8 @@ Layouts
 Labels are shifted before any CP split: the row at position p predicts token p+1 of the same
 sequence, and is scored when token p+1 is a response token. Under CP (cp > 1) every sequence
 (packed) or row (padded) is cut into 2*cp chunks and this rank keeps chunks cp_rank and
-2*cp-1-cp_rank (megatron_solopo/parallel/cp.py); cu_seqlens stay those of the full pack.
+2*cp-1-cp_rank (megatron_solopo/parallel/cp.py), cp_rank from the `ParallelContext` the caller passes
+(`initialize_parallel`'s); cu_seqlens stay those of the full pack.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from megatron_solopo.objectives import (
     required_sequences,
 )
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.context import ParallelContext, require_parallel_context, seq_len_divisor
 from megatron_solopo.parallel.cp import cp_shard, cp_shard_thd
 
 __all__ = [
@@ -53,6 +55,7 @@ __all__ = [
     "collate_scoring_microbatches",
     "layout_for_backend",
     "pad_multiple",
+    "resolve_layout",
     "sequence_roles",
 ]
 
@@ -71,26 +74,31 @@ def layout_for_backend(attention_backend: str) -> str:
                      "first with megatron_solopo.model.backends.resolve_attention_backend)")
 
 
+def resolve_layout(requested: str, attention_backend: str) -> str:
+    """train.layout resolved for the model's attention backend (auto -> `layout_for_backend`)."""
+    if requested == "auto":
+        return layout_for_backend(attention_backend)
+    if requested == "packed" and attention_backend == "local":
+        raise ValueError("train.layout=packed needs attention_backend sdpa or te (Megatron's local attention "
+                         "takes no packed sequences); set train.layout=padded or auto")
+    return requested
+
+
 def sequence_roles(objective: ObjectiveConfig) -> tuple[str, ...]:
     """The roles scored by the policy for `objective`, in SEQUENCES order (the order inside a pair)."""
     needed = required_sequences(objective)
     return tuple(role for role in SEQUENCES if role in needed)
 
 
-def pad_multiple(parallel: ParallelConfig, pad_to_multiple_of: int = 1) -> int:
+def pad_multiple(parallel: ParallelContext | ParallelConfig, pad_to_multiple_of: int = 1) -> int:
     """Every sequence (packed) or row (padded) length is padded to a multiple of this.
 
-    lcm of: the caller's multiple (16/32 for FP8 GEMMs), 2*cp (zigzag CP chunks) when cp > 1, and
-    cp*tp under sequence parallelism (each CP shard is then split over the TP ranks).
+    lcm of: the caller's multiple (16/32 for FP8 GEMMs, `megatron_solopo.parallel.fp8_seq_multiple`),
+    2*cp (zigzag CP chunks) when cp > 1, and cp*tp under sequence parallelism
+    (`megatron_solopo.parallel.seq_len_divisor`, `ParallelContext.seq_len_divisor`).
     """
-    if isinstance(pad_to_multiple_of, bool) or not isinstance(pad_to_multiple_of, int) or pad_to_multiple_of < 1:
-        raise ValueError(f"pad_to_multiple_of must be a positive integer, got {pad_to_multiple_of!r}")
-    multiple = pad_to_multiple_of
-    if parallel.cp > 1:
-        multiple = math.lcm(multiple, 2 * parallel.cp)
-    if parallel.sequence_parallel:
-        multiple = math.lcm(multiple, parallel.cp * parallel.tp)
-    return multiple
+    config = parallel.config if isinstance(parallel, ParallelContext) else parallel
+    return seq_len_divisor(config, pad_to_multiple_of)
 
 
 @dataclasses.dataclass
@@ -346,29 +354,28 @@ def _build_microbatch(samples: Sequence[Mapping], first_index: int, roles: tuple
     )
 
 
-def collate_microbatches(samples: Sequence[Mapping], objective: ObjectiveConfig, parallel: ParallelConfig,
+def collate_microbatches(samples: Sequence[Mapping], objective: ObjectiveConfig, parallel: ParallelContext,
                          layout: str, micro_batch_pairs: int, *, pad_to_multiple_of: int = 1,
-                         pad_token_id: int = 0, cp_rank: int | None = None,
-                         vocab_size: int | None = None) -> list[MicroBatch]:
+                         pad_token_id: int = 0, vocab_size: int | None = None) -> list[MicroBatch]:
     """Splits this data-parallel rank's pairs for one optimizer step into micro-batches.
 
     samples: this DP rank's share of the global batch (tokenized samples, see the module docstring);
     len(samples) must be a multiple of micro_batch_pairs. layout: "packed" | "padded"
-    (`layout_for_backend`). pad_to_multiple_of: extra padding multiple per sequence (16 or 32 for FP8).
-    cp_rank: this rank's CP rank (None = Megatron's parallel state, or 0 when cp == 1). vocab_size:
-    if given, token ids are checked against it. Returns len(samples) // micro_batch_pairs micro-batches
+    (`layout_for_backend`). parallel: this rank's ParallelContext (from initialize_parallel; offline,
+    `ParallelContext.for_rank(config, cp_rank=...)`): its CP rank selects the zigzag shard.
+    pad_to_multiple_of: extra padding multiple per sequence (for FP8,
+    `megatron_solopo.parallel.fp8_seq_multiple(model.fp8, model.fp8_recipe)`: 16, 32 for mxfp8). vocab_size: if given, token ids are checked against it. Returns len(samples) // micro_batch_pairs micro-batches
     on the CPU (the step moves them to the device).
     """
     roles = sequence_roles(objective)
     reference_roles = tuple(role for role in SEQUENCES if role in required_reference_sequences(objective))
     return _collate(samples, roles, reference_roles, parallel, layout, micro_batch_pairs, pad_to_multiple_of,
-                    pad_token_id, cp_rank, vocab_size)
+                    pad_token_id, vocab_size)
 
 
-def collate_scoring_microbatches(samples: Sequence[Mapping], roles: Sequence[str], parallel: ParallelConfig,
+def collate_scoring_microbatches(samples: Sequence[Mapping], roles: Sequence[str], parallel: ParallelContext,
                                  layout: str, micro_batch_pairs: int, *, pad_to_multiple_of: int = 1,
-                                 pad_token_id: int = 0, cp_rank: int | None = None,
-                                 vocab_size: int | None = None) -> list[MicroBatch]:
+                                 pad_token_id: int = 0, vocab_size: int | None = None) -> list[MicroBatch]:
     """Micro-batches for `step.forward_only` (reference precompute, evaluation): the given roles only.
 
     roles: which sequences to score, e.g. sorted(objectives.required_reference_sequences(cfg)) for the
@@ -381,11 +388,12 @@ def collate_scoring_microbatches(samples: Sequence[Mapping], roles: Sequence[str
         raise ValueError(f"roles must be a non-empty subset of {SEQUENCES}, got {list(roles)}")
     ordered = tuple(role for role in SEQUENCES if role in set(roles))
     return _collate(samples, ordered, (), parallel, layout, micro_batch_pairs, pad_to_multiple_of, pad_token_id,
-                    cp_rank, vocab_size, allow_partial=True)
+                    vocab_size, allow_partial=True)
 
 
 def _collate(samples, roles, reference_roles, parallel, layout, micro_batch_pairs, pad_to_multiple_of, pad_token_id,
-             cp_rank, vocab_size, allow_partial: bool = False) -> list[MicroBatch]:
+             vocab_size, allow_partial: bool = False) -> list[MicroBatch]:
+    context = require_parallel_context(parallel, "collate_microbatches")
     if layout not in LAYOUTS:
         raise ValueError(f"layout={layout!r} is not one of {LAYOUTS} (see layout_for_backend)")
     if isinstance(micro_batch_pairs, bool) or not isinstance(micro_batch_pairs, int) or micro_batch_pairs < 1:
@@ -393,25 +401,9 @@ def _collate(samples, roles, reference_roles, parallel, layout, micro_batch_pair
     if not samples or (len(samples) % micro_batch_pairs and not allow_partial):
         raise ValueError(f"{len(samples)} samples cannot be split into micro-batches of {micro_batch_pairs} pairs; "
                          "give this rank a multiple of micro_batch_pairs (TrainConfig.num_microbatches)")
-    if cp_rank is None:
-        cp_rank = _megatron_cp_rank(parallel)
-    if not 0 <= cp_rank < parallel.cp:
-        raise ValueError(f"cp_rank={cp_rank} is outside [0, parallel.cp={parallel.cp})")
-    multiple = pad_multiple(parallel, pad_to_multiple_of)
+    multiple = pad_multiple(context, pad_to_multiple_of)
     return [
-        _build_microbatch(samples[start:start + micro_batch_pairs], start, roles, reference_roles, layout, parallel,
-                          multiple, pad_token_id, cp_rank, vocab_size)
+        _build_microbatch(samples[start:start + micro_batch_pairs], start, roles, reference_roles, layout,
+                          context.config, multiple, pad_token_id, context.cp_rank, vocab_size)
         for start in range(0, len(samples), micro_batch_pairs)
     ]
-
-
-def _megatron_cp_rank(parallel: ParallelConfig) -> int:
-    if parallel.cp == 1:
-        return 0
-    from megatron.core import parallel_state
-
-    if parallel_state.get_context_parallel_world_size() != parallel.cp:
-        raise ValueError(f"parallel.cp={parallel.cp} but Megatron's context-parallel group has "
-                         f"{parallel_state.get_context_parallel_world_size()} ranks; call initialize_parallel(parallel) "
-                         "first or pass cp_rank")
-    return parallel_state.get_context_parallel_rank()

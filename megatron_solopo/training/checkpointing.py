@@ -4,9 +4,12 @@ Layout of a run directory::
 
     output_dir/checkpoints/step_000123/      a complete checkpoint (written as .step_000123.incomplete)
         .metadata, __*_*.distcp, metadata.json   dist_checkpointing's files (model, optimizer, state)
-        solopo_checkpoint.json                   step, layout, preset, dtype, time: written last, before the rename
+        solopo_checkpoint.json                   kind "trained", step, layout, preset, dtype, time: written last
         config.yaml                              the experiment config that produced it
         hf_assets/                               tokenizer (+ HF config.json), as in a converted checkpoint
+
+The file names and the marker are the checkpoint room's format (checkpoint/format.py); the model's
+part is written and read as checkpoint/weights.py describes, so `checkpoint.load_model` loads it.
 
 What one checkpoint holds:
 
@@ -44,27 +47,32 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
+# the on-disk format (marker, file names) and the model's part of a checkpoint belong to checkpoint/
+from megatron_solopo.checkpoint.format import (  # noqa: F401 - CheckpointError, MARKER_FILE: part of this API
+    ASSETS_DIR,
+    CONFIG_FILE,
+    DIST_METADATA_FILE,
+    MARKER_FILE,
+    TRAINED,
+    CheckpointError,
+    read_marker,
+    write_marker,
+)
+from megatron_solopo.checkpoint.weights import (  # noqa: F401 - load_model_weights: part of this API
+    SHARDED_STATE_METADATA,
+    load_model_weights,
+    model_sharded_state_dict,
+    model_state_keys,
+    unwrap_model,
+)
+
 logger = logging.getLogger(__name__)
 
 CHECKPOINTS_SUBDIR = "checkpoints"
-MARKER_FILE = "solopo_checkpoint.json"  # the same marker name as a converted checkpoint (convert/hf_to_mcore.py)
-MARKER_FORMAT = "megatron_solopo.train_checkpoint"
-CONFIG_FILE = "config.yaml"
-ASSETS_SUBDIR = "hf_assets"  # tokenizer + HF config.json, as in a converted checkpoint
 FORMAT_VERSION = 1
+"""Version of the train_state the checkpoint's common state holds (the marker has its own)."""
 _NAME_RE = re.compile(r"^step_(\d+)$")
 _INCOMPLETE_SUFFIX = ".incomplete"
-# Same metadata on save and load: optimizer state in a layout-independent ("fully reshardable") form,
-# no prefix per chained sub-optimizer, layers stacked into one tensor per weight.
-SHARDED_STATE_METADATA = {
-    "distrib_optim_sharding_type": "fully_reshardable",
-    "chained_optim_avoid_prefix": True,
-    "singleton_local_shards": False,
-}
-
-
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run; the message says which and why."""
 
 
 # ----------------------------------------------------------------------------------------- names
@@ -82,7 +90,7 @@ def is_complete_checkpoint(path: str | os.PathLike) -> bool:
     """True for a `step_N` directory whose save finished (marker and dist_checkpointing metadata present)."""
     path = pathlib.Path(path)
     return (bool(_NAME_RE.match(path.name)) and (path / MARKER_FILE).is_file()
-            and (path / "metadata.json").is_file())
+            and (path / DIST_METADATA_FILE).is_file())
 
 
 def list_checkpoints(directory: str | os.PathLike) -> list[tuple[int, pathlib.Path]]:
@@ -107,24 +115,23 @@ def find_latest_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
 
 
 def read_checkpoint_info(path: str | os.PathLike) -> dict[str, Any]:
-    """The marker of a complete checkpoint: step, layout, format version, time. Errors if incomplete."""
+    """The (validated) marker of a complete checkpoint: step, layout, format version, time. Errors if incomplete."""
     path = pathlib.Path(path)
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")
     if not is_complete_checkpoint(path):
         raise CheckpointError(f"{path} is not a complete checkpoint (no {MARKER_FILE} or metadata.json, or the "
                               "name is not step_N): it was interrupted while saving; resume from an earlier one")
-    return json.loads((path / MARKER_FILE).read_text(encoding="utf-8"))
+    return read_marker(path).fields
 
 
 # ---------------------------------------------------------------------------------- layout, rng
-def current_layout() -> dict[str, int]:
-    """This job's parallel layout from Megatron's parallel state."""
-    from megatron.core import parallel_state as ps
+def current_layout(parallel=None) -> dict[str, int]:
+    """This job's parallel layout {"tp", "pp", "cp", "dp", "vpp", "world"}: `parallel.layout()` of the
+    given ParallelContext, else of the current one (initialize_parallel's)."""
+    from megatron_solopo.parallel.context import current_parallel_context
 
-    return {"tp": ps.get_tensor_model_parallel_world_size(), "pp": ps.get_pipeline_model_parallel_world_size(),
-            "cp": ps.get_context_parallel_world_size(), "dp": ps.get_data_parallel_world_size(),
-            "vpp": ps.get_virtual_pipeline_model_parallel_world_size() or 1, "world": dist.get_world_size()}
+    return (parallel or current_parallel_context()).layout()
 
 
 def capture_rng_state() -> dict[str, Any]:
@@ -159,23 +166,6 @@ def _rng_sharded_object(data: Any):
 
 
 # --------------------------------------------------------------------------------- state dicts
-def unwrap_model(chunk: torch.nn.Module) -> torch.nn.Module:
-    """The GPTModel inside DDP / Float16Module wrappers (their state dicts add a 'module.' prefix)."""
-    while hasattr(chunk, "module") and isinstance(chunk.module, torch.nn.Module):
-        chunk = chunk.module
-    return chunk
-
-
-def _model_keys(num_chunks: int) -> list[str]:
-    return ["model"] if num_chunks == 1 else [f"model{i}" for i in range(num_chunks)]
-
-
-def model_sharded_state_dict(model_chunks: Sequence[torch.nn.Module]) -> dict[str, Any]:
-    """{"model": sd} (or "model0", "model1", ... per virtual stage) with global, layout-free tensor keys."""
-    return {key: unwrap_model(chunk).sharded_state_dict(metadata=dict(SHARDED_STATE_METADATA))
-            for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks)}
-
-
 def _sub_optimizers(optimizer) -> list:
     return list(getattr(optimizer, "chained_optimizers", [optimizer]))
 
@@ -236,8 +226,8 @@ def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model_chun
     Writes under a temporary name, renames when every rank has finished, then deletes all but the
     newest `keep_last` complete checkpoints (0 keeps all). `scheduler` (if given) overrides
     `state.scheduler`. `tokenizer` and `hf_config` (the model's HF config.json, when it came from
-    one) go to hf_assets/ as in a converted checkpoint (convert/hf_to_mcore.py), and `metadata`
-    (preset, dtype, source) into the marker, so a training checkpoint also serves as
+    one) go to hf_assets/ as in a converted checkpoint (checkpoint/format.py), and `metadata`
+    (preset, dtype, source) into the marker (kind "trained"), so a training checkpoint also serves as
     `model.checkpoint` for evaluation, conversion back to HF, or another run. Returns the directory.
     """
     root = checkpoints_root(output_dir)
@@ -279,22 +269,17 @@ def _write_side_files(directory: pathlib.Path, step: int, config_yaml: str | Non
                       hf_config: Mapping[str, Any] | None, metadata: Mapping[str, Any] | None) -> None:
     if config_yaml is not None:
         (directory / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
-    assets = directory / ASSETS_SUBDIR
+    assets = directory / ASSETS_DIR
     if tokenizer is not None:
         tokenizer.save_pretrained(str(assets))
     if hf_config is not None:
         assets.mkdir(exist_ok=True)
         (assets / "config.json").write_text(json.dumps(dict(hf_config), indent=2) + "\n", encoding="utf-8")
-    marker = {"format": MARKER_FORMAT, "format_version": FORMAT_VERSION, "step": step, "layout": current_layout(),
-              **dict(metadata or {}), "hf_assets_dir": ASSETS_SUBDIR if assets.is_dir() else None,
+    fields = {"step": step, "layout": current_layout(), **dict(metadata or {}),
+              "hf_assets_dir": ASSETS_DIR if assets.is_dir() else None,
               "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    # the marker is what makes a checkpoint count as complete: write it atomically, last
-    tmp_marker = directory / f"{MARKER_FILE}.tmp"
-    with tmp_marker.open("w", encoding="utf-8") as f:
-        json.dump(marker, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp_marker, directory / MARKER_FILE)
+    # the marker is what makes a checkpoint count as complete: written atomically, last
+    write_marker(directory, TRAINED, fields)
 
 
 def _publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
@@ -363,7 +348,7 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
                     "RNG states start fresh", path, train_state["layout"], current_layout())
     loaded = dist_checkpointing.load(request, str(path))
 
-    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
+    for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
         unwrap_model(chunk).load_state_dict(loaded[key])
     if optimizer is not None:
         optimizer.load_state_dict(loaded["optimizer"])
@@ -373,30 +358,6 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
         restore_rng_state(loaded["rng_state"])
     return TrainState(step=train_state["step"], sampler=train_state["sampler"], scheduler=train_state["scheduler"],
                       extra=train_state.get("extra", {}))
-
-
-def load_model_weights(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module]) -> None:
-    """Loads only the weights of a Megatron distributed checkpoint into `model_chunks`, at any layout.
-
-    Accepts a training checkpoint (step_N) or a converted one (`solopo convert hf-to-mcore`): both
-    store the model under the same global tensor keys. Collective.
-    """
-    from megatron.core import dist_checkpointing
-
-    path = pathlib.Path(path)
-    if not (path / "metadata.json").is_file():
-        raise CheckpointError(f"{path} is not a Megatron distributed checkpoint (no metadata.json); give a "
-                              "directory written by `solopo convert hf-to-mcore` or a training checkpoint step_N")
-    request = model_sharded_state_dict(model_chunks)
-    loaded = dist_checkpointing.load(request, str(path))
-    for key, chunk in zip(_model_keys(len(model_chunks)), model_chunks):
-        unwrap_model(chunk).load_state_dict(loaded[key])
-
-
-def read_marker(path: str | os.PathLike) -> dict[str, Any] | None:
-    """The solopo_checkpoint.json of a training or converted checkpoint, or None if it has none."""
-    marker = pathlib.Path(path) / MARKER_FILE
-    return json.loads(marker.read_text(encoding="utf-8")) if marker.is_file() else None
 
 
 def resolve_resume(resume: str, output_dir: str | os.PathLike) -> pathlib.Path | None:

@@ -1,4 +1,5 @@
-"""`solopo train --config X.yaml [section.key=value ...]`: run (or resume) training on every rank.
+"""`solopo train --config X.yaml [section.key=value ...]`: run (or resume) training on every rank, and
+`solopo precompute-ref` (`PrecomputeRef`): store the frozen reference model's log-probs next to the data.
 
 Launch one process per GPU with torchrun (or srun); a single process needs no launcher. Exit status:
 0 when the run reached its last step, 75 (loop.EXIT_RESUMABLE) when it stopped early with a complete
@@ -43,3 +44,34 @@ def run(args: argparse.Namespace) -> int:
               + (f", last loss {loss:.4f}" if loss is not None else "")
               + (f"; checkpoint {summary.checkpoint}" if summary.checkpoint else ""))
     return summary.exit_code
+
+
+class PrecomputeRef:
+    """`solopo precompute-ref --config X.yaml [section.key=value ...] [--output PATH]`: runs
+    `reference.precompute_reference` (the same config as training; collective over every rank)."""
+
+    @staticmethod
+    def add_arguments(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("--config", required=True, help="experiment YAML (the same one training uses)")
+        parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_pairs=4")
+        parser.add_argument("--output", default=None,
+                            help="where to write the table (default: train.reference_path, else reference_logps.pt "
+                                 "next to the pairs file)")
+
+    @staticmethod
+    def run(args: argparse.Namespace) -> int:
+        from megatron_solopo.config import ConfigError, load_config
+        from megatron_solopo.training.reference import precompute_reference
+
+        rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0  # no process group any more
+        try:
+            config = load_config(args.config, list(args.overrides))
+            summary = precompute_reference(config, output=args.output)
+        except (ConfigError, FileNotFoundError, ValueError) as err:
+            if rank0:
+                print(f"solopo precompute-ref: error: {err}", file=sys.stderr)
+            return 1
+        if rank0:
+            print(f"wrote reference log-probs for {summary['count']} pairs ({', '.join(summary['roles'])}) to "
+                  f"{summary['path']} in {summary['seconds']:.1f} s")
+        return 0

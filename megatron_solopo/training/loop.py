@@ -21,15 +21,20 @@ import os
 import pathlib
 import sys
 import time
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
 from megatron_solopo.objectives import needs_reference
+from megatron_solopo.parallel.context import ParallelContext, fp8_seq_multiple
+from megatron_solopo.checkpoint import loader
 from megatron_solopo.training import runtime
 from megatron_solopo.training.checkpointing import TrainState, load_checkpoint, resolve_resume, save_checkpoint
 from megatron_solopo.training.logging import METRICS_FILE, MetricsLogger, peak_memory_gib
+
+if TYPE_CHECKING:
+    from megatron_solopo.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +82,7 @@ class RunSummary:
 class _Run:
     """Everything the step loop needs, built once by `_setup`."""
 
-    config: Any
+    config: ExperimentConfig
     dataset: Any
     tokenizer: Any
     preset: Any
@@ -88,13 +93,15 @@ class _Run:
     layout: str
     total_steps: int
     start_step: int
+    parallel: ParallelContext | None = None
+    """This rank's parallel context (initialize_parallel's): sizes, ranks, groups."""
     reference_table: Any = None
     reference_scorer: Any = None
     checkpoint: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ setup
-def _build_reference(config, dataset, preset, layout: str, tokenizer):
+def _build_reference(config: ExperimentConfig, dataset, preset, layout: str, tokenizer, parallel: ParallelContext):
     """(table, scorer): the precomputed table (verified) or the frozen online model, or neither."""
     from megatron_solopo.training import reference as ref
 
@@ -107,13 +114,15 @@ def _build_reference(config, dataset, preset, layout: str, tokenizer):
         return table, None
     if mode == "online":
         frozen = runtime.build_initial_model(config.model, config.parallel, preset)
-        scorer = ref.ReferenceScorer(frozen, roles, config.parallel, layout, config.train.micro_batch_pairs,
-                                     runtime.pad_token_id(tokenizer), preset.vocab_size)
+        scorer = ref.ReferenceScorer(frozen, roles, parallel, layout, config.train.micro_batch_pairs,
+                                     runtime.pad_token_id(tokenizer), preset.vocab_size,
+                                     pad_to_multiple_of=fp8_seq_multiple(config.model.fp8, config.model.fp8_recipe),
+                                     head=config.model.logprob_head)
         return None, scorer
     return None, None
 
 
-def _build_optimization(config, chunks: list, total_steps: int):
+def _build_optimization(config: ExperimentConfig, chunks: list, total_steps: int):
     from megatron_solopo.training.optim import build_training_objects
 
     train = config.train
@@ -124,29 +133,26 @@ def _build_optimization(config, chunks: list, total_steps: int):
         use_distributed_optimizer=train.distributed_optimizer)
 
 
-def _setup(config) -> _Run:
-    from megatron.core import parallel_state as ps
-
+def _setup(config: ExperimentConfig, parallel: ParallelContext) -> _Run:
     from megatron_solopo.data.sampler import DistributedPairSampler
-    from megatron_solopo.training.batching import layout_for_backend
-    from megatron_solopo.training.reference import resolve_layout
+    from megatron_solopo.training.batching import resolve_layout
 
     train = config.train
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
     train.num_microbatches(dp_size)  # fail before any loading when the batch does not split
     resume_from = resolve_resume(train.resume, train.output_dir)
-    preset = runtime.resolve_preset(config.model)
+    preset = loader.resolve_preset(config.model)
     tokenizer = runtime.load_run_tokenizer(config.model, preset)
     dataset = runtime.load_dataset(config.data, tokenizer)
     total_steps = train.total_steps(len(dataset))
     chunks = runtime.build_initial_model(config.model, config.parallel, preset, load_weights=resume_from is None)
-    layout = resolve_layout(train.layout, runtime.attention_backend_of(chunks), layout_for_backend)
-    table, scorer = _build_reference(config, dataset, preset, layout, tokenizer)
+    layout = resolve_layout(train.layout, runtime.attention_backend_of(chunks))
+    table, scorer = _build_reference(config, dataset, preset, layout, tokenizer, parallel)
     chunks, optimizer, scheduler = _build_optimization(config, chunks, total_steps)
     sampler = DistributedPairSampler(len(dataset), dp_rank, dp_size, seed=train.seed)
     run = _Run(config, dataset, tokenizer, preset, chunks, optimizer, scheduler, sampler, layout, total_steps,
-               start_step=0, reference_table=table, reference_scorer=scorer)
-    runtime.seed_everything(train.seed)  # after init_seed drew the weights: train's own RNG stream
+               start_step=0, parallel=parallel, reference_table=table, reference_scorer=scorer)
+    loader.seed_everything(train.seed)  # after init_seed drew the weights: train's own RNG stream
     if resume_from is not None:  # restores the RNG states too (same layout)
         state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
         sampler.load_state_dict(state.sampler)
@@ -158,7 +164,7 @@ def _setup(config) -> _Run:
 _RESUME_CHECKED_SECTIONS = ("model", "objective", "data")
 
 
-def _warn_about_changed_config(saved: dict | None, config, path) -> None:
+def _warn_about_changed_config(saved: dict | None, config: ExperimentConfig, path) -> None:
     """Resuming with another model/objective/data is legal but usually a mistake (a reused output_dir)."""
     from megatron_solopo.config import to_dict
 
@@ -198,9 +204,11 @@ def _step_samples(run: _Run) -> list[dict]:
 def _microbatches(run: _Run, samples: list[dict]) -> list:
     from megatron_solopo.training.batching import collate_microbatches
 
-    return collate_microbatches(samples, run.config.objective, run.config.parallel, run.layout,
+    model = run.config.model
+    return collate_microbatches(samples, run.config.objective, run.parallel, run.layout,
                                 run.config.train.micro_batch_pairs, pad_token_id=runtime.pad_token_id(run.tokenizer),
-                                vocab_size=run.preset.vocab_size)
+                                vocab_size=run.preset.vocab_size,
+                                pad_to_multiple_of=fp8_seq_multiple(model.fp8, model.fp8_recipe))
 
 
 # ------------------------------------------------------------------------------------------ stepping
@@ -234,7 +242,7 @@ def _save(run: _Run, step: int) -> str:
     path = save_checkpoint(run.config.train.output_dir, state,
                            run.chunks, run.optimizer, run.scheduler, keep_last=run.config.train.keep_last,
                            config_yaml=yaml.safe_dump(to_dict(run.config), sort_keys=False), tokenizer=run.tokenizer,
-                           hf_config=runtime.hf_config_of(model), metadata=metadata)
+                           hf_config=loader.hf_config_of(model), metadata=metadata)
     return str(path)
 
 
@@ -263,7 +271,7 @@ def _loop(run: _Run, metrics_logger: MetricsLogger, bar) -> tuple[int, str, dict
         microbatches = _microbatches(run, _step_samples(run))
         try:
             result = train_step(run.chunks, run.optimizer, run.scheduler, microbatches, run.config.objective,
-                                run.config.parallel, step)
+                                run.parallel, step, head=run.config.model.logprob_head)
         except (NonFiniteLossError, NonFiniteGradError) as err:
             metrics_logger.log(step, {"error": str(err), "sample_ids": list(err.sample_ids)}, console=False)
             raise _diverged(err, run) from err
@@ -297,7 +305,7 @@ def _describe(run: _Run, dp_size: int) -> str:
 
 
 # ------------------------------------------------------------------------------------------ entry
-def train(config) -> RunSummary:
+def train(config: ExperimentConfig) -> RunSummary:
     """Runs (or resumes) training as configured; collective over all processes of the job.
 
     Sets up torch.distributed and Megatron's groups from the launcher's environment (torchrun/SLURM;
@@ -306,17 +314,15 @@ def train(config) -> RunSummary:
     from megatron_solopo.parallel import destroy_parallel, initialize_parallel
 
     created = not dist.is_initialized()
-    initialize_parallel(config.parallel, seed=config.train.seed)
+    parallel = initialize_parallel(config.parallel, seed=config.train.seed)
     try:
-        return _train(config)
+        return _train(config, parallel)
     finally:
         if created:
             destroy_parallel()
 
 
-def _train(config) -> RunSummary:
-    from megatron.core import parallel_state as ps
-
+def _train(config: ExperimentConfig, parallel: ParallelContext) -> RunSummary:
     from megatron_solopo.config import save_config
 
     started = time.perf_counter()
@@ -325,14 +331,14 @@ def _train(config) -> RunSummary:
     if rank0:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_config(config, output_dir / "config.yaml")
-    run = _setup(config)
+    run = _setup(config, parallel)
     metrics_logger = MetricsLogger(output_dir, enabled=rank0, total_steps=run.total_steps, start_step=run.start_step,
                                    tensorboard=config.train.tensorboard, wandb=config.train.wandb,
                                    wandb_project=config.train.wandb_project, run_config=_plain(config))
     bar = _progress_bar(run, enabled=rank0)
     metrics_logger.console = bar.write
     if rank0:
-        bar.write(_describe(run, ps.get_data_parallel_world_size()))
+        bar.write(_describe(run, parallel.dp_size))
     try:
         if run.start_step >= run.total_steps:
             final_step, reason, last = run.start_step, "already_finished", {}
@@ -350,7 +356,7 @@ def _train(config) -> RunSummary:
     return summary
 
 
-def _plain(config) -> dict[str, Any]:
+def _plain(config: ExperimentConfig) -> dict[str, Any]:
     from megatron_solopo.config import to_dict
 
     return to_dict(config)

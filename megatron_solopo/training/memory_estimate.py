@@ -38,9 +38,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from megatron_solopo.model.presets import ModelPreset
 from megatron_solopo.parallel.config import ParallelConfig
+
+if TYPE_CHECKING:
+    from megatron_solopo.config import ExperimentConfig
 
 __all__ = ["GIB", "SequencePlan", "MemoryEstimate", "LayoutPlan", "params_per_gpu",
            "activation_bytes_per_token_per_layer", "estimate_memory", "format_estimate", "suggestions",
@@ -246,7 +250,7 @@ _TEMPLATE_TOKENS = 32
 """Chat-template tokens around a prompt (role headers, BOS): a small allowance added per sequence."""
 
 
-def sequence_plan_from_config(config) -> SequencePlan:
+def sequence_plan_from_config(config: ExperimentConfig) -> SequencePlan:
     """The longest sequences one pair of this experiment can have (upper bounds from the data section).
 
     Short prompt: data.short_max_tokens; long prompt: max(data.long_target_tokens) * (1 + tolerance);
@@ -284,7 +288,7 @@ class LayoutPlan:
         return self.estimate.total <= self.gpu_memory_bytes
 
 
-def plan_layout(config, preset: ModelPreset, nodes: int, gpus_per_node: int, gpu_memory_gib: float = 80.0) -> LayoutPlan:
+def plan_layout(config: ExperimentConfig, preset: ModelPreset, nodes: int, gpus_per_node: int, gpu_memory_gib: float = 80.0) -> LayoutPlan:
     """Checks that the experiment's parallel section fits the job and estimates per-GPU memory.
 
     Raises ValueError naming the problem when the GPU count is not a multiple of tp*pp*cp, the global
@@ -316,7 +320,7 @@ def plan_layout(config, preset: ModelPreset, nodes: int, gpus_per_node: int, gpu
     return LayoutPlan(preset, par, nodes, gpus_per_node, dp, num_mb, sequences, est, memory, lines)
 
 
-def _plan_lines(config, preset: ModelPreset, par: ParallelConfig, nodes: int, gpus_per_node: int, dp: int,
+def _plan_lines(config: ExperimentConfig, preset: ModelPreset, par: ParallelConfig, nodes: int, gpus_per_node: int, dp: int,
                 num_mb: int, sequences: SequencePlan, packed: bool) -> list[str]:
     world = nodes * gpus_per_node
     lines = [f"job: {nodes} node(s) x {gpus_per_node} GPUs = {world} GPUs",

@@ -24,7 +24,6 @@ step's pairs with it (one extra forward per step, no file, more memory).
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import datetime
 import hashlib
@@ -32,16 +31,20 @@ import json
 import logging
 import os
 import pathlib
-import sys
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.distributed as dist
 
+from megatron_solopo.model.config import LogprobHeadConfig
 from megatron_solopo.objectives import ObjectiveConfig, logps_key, required_reference_sequences
 from megatron_solopo.objectives.config import SEQUENCES
+from megatron_solopo.parallel.context import ParallelContext, fp8_seq_multiple
+
+if TYPE_CHECKING:
+    from megatron_solopo.config import ExperimentConfig
 
 logger = logging.getLogger(__name__)
 
@@ -189,16 +192,21 @@ def attach_reference(samples: list[dict], indices: Sequence[int], table: Referen
 class ReferenceScorer:
     """Scores pairs with a frozen model: the precompute pass and train.reference=online.
 
-    chunks: GPTModel chunks of the frozen model (not DDP-wrapped), roles: the roles to score.
+    chunks: GPTModel chunks of the frozen model (not DDP-wrapped), roles: the roles to score,
+    parallel: the ParallelContext from initialize_parallel, pad_to_multiple_of: the FP8 token multiple
+    (`fp8_seq_multiple(model.fp8, model.fp8_recipe)`; 1 without FP8).
     """
 
     chunks: list
     roles: tuple[str, ...]
-    parallel: Any
+    parallel: ParallelContext
     layout: str
     micro_batch_pairs: int
     pad_token_id: int
     vocab_size: int
+    pad_to_multiple_of: int = 1
+    head: LogprobHeadConfig | None = None
+    """The LM head's chunking/recompute (`model.logprob_head`); None = its defaults."""
 
     def __post_init__(self) -> None:
         for chunk in self.chunks:
@@ -213,8 +221,9 @@ class ReferenceScorer:
 
         microbatches = collate_scoring_microbatches(samples, self.roles, self.parallel, self.layout,
                                                     self.micro_batch_pairs, pad_token_id=self.pad_token_id,
-                                                    vocab_size=self.vocab_size)
-        return forward_only(self.chunks, microbatches, self.parallel)
+                                                    vocab_size=self.vocab_size,
+                                                    pad_to_multiple_of=self.pad_to_multiple_of)
+        return forward_only(self.chunks, microbatches, self.parallel, head=self.head)
 
     def annotate(self, samples: list[dict]) -> list[dict]:
         """Adds "ref_<role>_logps" to every sample (online reference)."""
@@ -227,9 +236,8 @@ class ReferenceScorer:
 
 def score_dataset(scorer: ReferenceScorer, dataset, group_pairs: int, progress: bool = False) -> dict[str, list[float]]:
     """Every pair of `dataset` scored once, split over the data-parallel ranks; {role: [count]} on every rank."""
-    from megatron.core import parallel_state as ps
-
-    dp_rank, dp_size = ps.get_data_parallel_rank(), ps.get_data_parallel_world_size()
+    parallel = scorer.parallel
+    dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
     mine = list(range(dp_rank, len(dataset), dp_size))
     per_rank = -(-len(dataset) // dp_size)
     # every rank runs the same number of groups, each a multiple of micro_batch_pairs: repeat the last pair
@@ -244,7 +252,7 @@ def score_dataset(scorer: ReferenceScorer, dataset, group_pairs: int, progress: 
         bar.update(len(indices))
     bar.close()
     gathered: list = [None] * dp_size
-    dist.all_gather_object(gathered, scores, group=ps.get_data_parallel_group())
+    dist.all_gather_object(gathered, scores, group=parallel.dp_group)
     merged = {sample_id: value for part in gathered for sample_id, value in part.items()}
     ids = list(dataset["id"])
     return {role: [merged[sample_id][role] for sample_id in ids] for role in scorer.roles}
@@ -257,15 +265,17 @@ def _progress(total: int, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------ precompute
-def precompute_reference(config, output: str | os.PathLike | None = None, progress: bool = True) -> dict[str, Any]:
+def precompute_reference(config: ExperimentConfig, output: str | os.PathLike | None = None,
+                         progress: bool = True) -> dict[str, Any]:
     """Runs the frozen initial model over every pair and writes the reference table (collective).
 
     Initializes the parallel layout of `config.parallel` (tearing it down at the end if it created
     it). Returns {"path", "count", "roles", "seconds", "hash"}.
     """
     from megatron_solopo.parallel import destroy_parallel, initialize_parallel
+    from megatron_solopo.checkpoint import loader
     from megatron_solopo.training import runtime
-    from megatron_solopo.training.batching import layout_for_backend
+    from megatron_solopo.training.batching import resolve_layout
 
     roles = reference_roles(config.objective)
     if not roles:
@@ -273,15 +283,17 @@ def precompute_reference(config, output: str | os.PathLike | None = None, progre
                          "there is nothing to precompute (SimPO/ORPO train with train.reference=none)")
     created = not dist.is_initialized()
     start = time.perf_counter()
-    initialize_parallel(config.parallel, seed=config.train.seed)
+    parallel = initialize_parallel(config.parallel, seed=config.train.seed)
     try:
-        preset = runtime.resolve_preset(config.model)
+        preset = loader.resolve_preset(config.model)
         tokenizer = runtime.load_run_tokenizer(config.model, preset)
         dataset = runtime.load_dataset(config.data, tokenizer)
         chunks = runtime.build_initial_model(config.model, config.parallel, preset)
-        layout = _layout(config.train.layout, runtime.attention_backend_of(chunks), layout_for_backend)
-        scorer = ReferenceScorer(chunks, roles, config.parallel, layout, config.train.micro_batch_pairs,
-                                 runtime.pad_token_id(tokenizer), preset.vocab_size)
+        layout = resolve_layout(config.train.layout, runtime.attention_backend_of(chunks))
+        scorer = ReferenceScorer(chunks, roles, parallel, layout, config.train.micro_batch_pairs,
+                                 runtime.pad_token_id(tokenizer), preset.vocab_size,
+                                 pad_to_multiple_of=fp8_seq_multiple(config.model.fp8, config.model.fp8_recipe),
+                                 head=config.model.logprob_head)
         group = config.train.micro_batch_pairs * max(8, 2 * config.parallel.pp)
         by_role = score_dataset(scorer, dataset, group, progress=progress)
         logps = {role: torch.tensor(values, dtype=torch.float32) for role, values in by_role.items()}
@@ -297,42 +309,3 @@ def precompute_reference(config, output: str | os.PathLike | None = None, progre
     finally:
         if created:
             destroy_parallel()
-
-
-def _layout(requested: str, backend: str, layout_for_backend) -> str:
-    """train.layout resolved for the model's attention backend (auto -> what the backend supports)."""
-    if requested == "auto":
-        return layout_for_backend(backend)
-    if requested == "packed" and backend == "local":
-        raise ValueError("train.layout=packed needs attention_backend sdpa or te (Megatron's local attention "
-                         "takes no packed sequences); set train.layout=padded or auto")
-    return requested
-
-
-resolve_layout = _layout
-
-
-# ------------------------------------------------------------------------------------ CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--config", required=True, help="experiment YAML (the same one training uses)")
-    parser.add_argument("overrides", nargs="*", help="dotted overrides, e.g. train.micro_batch_pairs=4")
-    parser.add_argument("--output", default=None,
-                        help="where to write the table (default: train.reference_path, else reference_logps.pt "
-                             "next to the pairs file)")
-
-
-def run(args: argparse.Namespace) -> int:
-    from megatron_solopo.config import ConfigError, load_config
-
-    rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0  # no process group any more
-    try:
-        config = load_config(args.config, list(args.overrides))
-        summary = precompute_reference(config, output=args.output)
-    except (ConfigError, FileNotFoundError, ValueError) as err:
-        if rank0:
-            print(f"solopo precompute-ref: error: {err}", file=sys.stderr)
-        return 1
-    if rank0:
-        print(f"wrote reference log-probs for {summary['count']} pairs ({', '.join(summary['roles'])}) to "
-              f"{summary['path']} in {summary['seconds']:.1f} s")
-    return 0

@@ -7,7 +7,9 @@ API (what the run loop calls)
                                                    layout_for_backend)
     from megatron_solopo.training.step import train_step, forward_only
 
-    chunks, optimizer, scheduler = build_training_objects(build_model_chunks(...), lr=..., total_steps=...)
+    parallel = initialize_parallel(parallel_config)    # ParallelContext: sizes, ranks, groups
+    chunks, optimizer, scheduler = build_training_objects(build_model_chunks(preset, parallel, ...), lr=...,
+                                                          total_steps=...)
     microbatches = collate_microbatches(samples_of_this_dp_rank, objective_cfg, parallel,
                                         layout_for_backend(backend), micro_batch_pairs)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective_cfg, parallel, step_index)
@@ -71,7 +73,7 @@ import torch.distributed as dist
 
 from megatron_solopo.model.logprobs import LogprobHeadConfig, make_output_processor
 from megatron_solopo.objectives import COUNT_METRICS, ObjectiveConfig, objective_loss
-from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.context import ParallelContext, require_parallel_context
 from megatron_solopo.parallel.cp import cp_all_reduce_sum
 from megatron_solopo.training.batching import MicroBatch
 from megatron_solopo.training.optim import current_lr
@@ -148,9 +150,10 @@ class _StepState:
     cp_group: object
     cp_rank: int
     device: torch.device
-    nonfinite_samples: list[str] = dataclasses.field(default_factory=list)
     loss_flags: list[torch.Tensor] = dataclasses.field(default_factory=list)
+    """Per micro-batch (last stage): a device bool, True when its log-prob sums or loss are NaN/Inf."""
     loss_flag_samples: list[list[str]] = dataclasses.field(default_factory=list)
+    """The sample ids of each flagged micro-batch, in the same order."""
 
 
 def _device() -> torch.device:
@@ -184,11 +187,10 @@ def _loss_func(state: _StepState, microbatch: MicroBatch, sequence_logps_local: 
         by_pair = sequence_logps.detach().float().view(microbatch.num_pairs, len(microbatch.roles))
         return {"sample_ids": microbatch.sample_ids, "roles": microbatch.roles, "logps": by_pair.cpu()}
     count = torch.tensor(microbatch.num_pairs if state.cp_rank == 0 else 0, dtype=torch.int, device=state.device)
-    if not bool(torch.isfinite(sequence_logps.detach()).all()):  # the objective would raise on one rank only
-        state.nonfinite_samples.extend(microbatch.sample_ids)
-        return (sequence_logps * 0.0).sum(), count, {}  # keeps the schedule's backward collective-consistent
+    # objective_loss neither syncs nor raises on NaN/Inf (a raise on one rank would hang the others):
+    # non-finite sums give a non-finite loss, flagged on the device and checked once per step
     loss, metrics = objective_loss(state.objective, microbatch.batch_stats(sequence_logps), reduction="sum")
-    state.loss_flags.append(~torch.isfinite(loss.detach()))
+    state.loss_flags.append(~torch.isfinite(loss.detach()) | ~torch.isfinite(sequence_logps.detach()).all())
     state.loss_flag_samples.append(microbatch.sample_ids)
     report = {"loss": loss.detach(), **metrics, "pairs": microbatch.num_pairs,
               "tokens/real": microbatch.num_real_tokens, "tokens/padded": microbatch.num_padded_tokens,
@@ -196,39 +198,37 @@ def _loss_func(state: _StepState, microbatch: MicroBatch, sequence_logps_local: 
     return loss, count, report
 
 
-def make_forward_step(objective: ObjectiveConfig | None, head: LogprobHeadConfig | None = None):
+def make_forward_step(objective: ObjectiveConfig | None, parallel: ParallelContext,
+                      head: LogprobHeadConfig | None = None):
     """A Megatron `forward_step_func(data_iterator, model)` for micro-batches of `MicroBatch`.
 
     Returns (forward_step_func, state); the state collects non-finite flags during the schedule.
     objective=None: log-prob sums only (use with collect_non_loss_data=True, as forward_only does).
+    parallel: this rank's ParallelContext (its CP group and rank reduce the log-prob sums).
     """
-    from megatron.core import parallel_state
-
+    parallel = require_parallel_context(parallel, "make_forward_step")
     state = _StepState(objective=objective, processor=make_output_processor(head),
-                       cp_group=parallel_state.get_context_parallel_group(),
-                       cp_rank=parallel_state.get_context_parallel_rank(), device=_device())
+                       cp_group=parallel.cp_group, cp_rank=parallel.cp_rank, device=_device())
     return functools.partial(_forward_step, state), state
 
 
 # ------------------------------------------------------------------------------------- checks
-def _check_setup(model_chunks: list, microbatches: list[MicroBatch], parallel: ParallelConfig | None) -> None:
-    from megatron.core import parallel_state
-
+def _check_setup(model_chunks: list, microbatches: list[MicroBatch], parallel, where: str) -> ParallelContext:
+    parallel = require_parallel_context(parallel, where)
     if not microbatches:
         raise ValueError("no micro-batches for this step (collate_microbatches returned none)")
     if not model_chunks:
         raise ValueError("no model chunks")
-    if parallel is not None:
-        actual = (parallel_state.get_tensor_model_parallel_world_size(),
-                  parallel_state.get_pipeline_model_parallel_world_size(),
-                  parallel_state.get_context_parallel_world_size())
-        if actual != (parallel.tp, parallel.pp, parallel.cp):
-            raise ValueError(f"parallel (tp, pp, cp) = {(parallel.tp, parallel.pp, parallel.cp)} but Megatron's "
-                             f"groups are {actual}; call initialize_parallel(parallel) before building the model")
+    model_groups = getattr(_unwrap(model_chunks[0]), "pg_collection", None)
+    if parallel.pg_collection is not None and model_groups is not None and model_groups is not parallel.pg_collection:
+        raise ValueError(f"{where}: the model chunks were built with other process groups than `parallel`; build "
+                         "them with build_model_chunks(preset, parallel) after the initialize_parallel that "
+                         "returned this ParallelContext")
     backend = getattr(_unwrap(model_chunks[0]), "attention_backend_name", None)
     if backend == "local" and any(mb.layout == "packed" for mb in microbatches):
         raise ValueError("Megatron's local attention does not take packed (THD) micro-batches; collate with "
                          "layout='padded' (layout_for_backend('local')) or use attention_backend sdpa/te")
+    return parallel
 
 
 def _data_iterator(model_chunks: list, microbatches: list[MicroBatch]):
@@ -269,28 +269,24 @@ def _grads_finite(model_chunks: list) -> torch.Tensor:
 
 def _raise_if_nonfinite(state: _StepState, model_chunks: list, microbatches: list[MicroBatch], step_index: int) -> None:
     """Collective: every rank learns whether any rank saw a non-finite loss or gradient, and raises."""
-    loss_bad_mb = [bool(flag) for flag in state.loss_flags]  # one host sync per micro-batch flag (last stage only)
-    for bad, ids in zip(loss_bad_mb, state.loss_flag_samples):
-        if bad:
-            state.nonfinite_samples.extend(ids)
-    flags = torch.cat([torch.tensor([float(bool(state.nonfinite_samples))], device=_device()),
-                       _grads_finite(model_chunks)])
+    loss_flags = (torch.stack(state.loss_flags) if state.loss_flags  # [n_microbatches] (last stage only)
+                  else torch.zeros(0, dtype=torch.bool, device=_device()))
+    flags = torch.cat([loss_flags.any().float().view(1), _grads_finite(model_chunks)])
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    loss_bad, grad_bad = (bool(x) for x in flags.tolist())
+    loss_bad, grad_bad = (bool(x) for x in flags.tolist())  # the step's one host sync for these checks
     if loss_bad:
+        mine = {sample for bad, ids in zip(loss_flags.tolist(), state.loss_flag_samples) if bad for sample in ids}
         gathered: list = [None] * dist.get_world_size()
-        dist.all_gather_object(gathered, sorted(set(state.nonfinite_samples)))
+        dist.all_gather_object(gathered, sorted(mine))
         raise NonFiniteLossError(step_index, sorted({sample for ids in gathered for sample in ids}))
     if grad_bad:
         raise NonFiniteGradError(step_index, [sample for mb in microbatches for sample in mb.sample_ids])
 
 
 # ------------------------------------------------------------------------------------- metrics
-def _reduce_reports(reports: list[dict], device: torch.device) -> dict[str, float] | None:
+def _reduce_reports(reports: list[dict], device: torch.device, parallel: ParallelContext) -> dict[str, float] | None:
     """Last pipeline stage: sums over micro-batches and DP replicas (not CP/TP copies); None elsewhere."""
-    from megatron.core import parallel_state
-
-    if not parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+    if not parallel.is_last_stage():
         return None
     keys = list(reports[0])
     for report in reports[1:]:
@@ -299,19 +295,16 @@ def _reduce_reports(reports: list[dict], device: torch.device) -> dict[str, floa
     totals = torch.stack([
         torch.stack([torch.as_tensor(report[key], dtype=torch.float64, device=device).reshape(()) for key in keys])
         for report in reports]).sum(dim=0)  # [n_keys]
-    dist.all_reduce(totals, group=parallel_state.get_data_parallel_group(with_context_parallel=False))
+    dist.all_reduce(totals, group=parallel.dp_group)  # data-parallel group without CP
     return dict(zip(keys, totals.tolist()))
 
 
-def _broadcast_from_last_stage(value):
+def _broadcast_from_last_stage(value, parallel: ParallelContext):
     """The last pipeline stage's python object on every stage of this pipeline."""
-    from megatron.core import parallel_state
-
-    if parallel_state.get_pipeline_model_parallel_world_size() == 1:
+    if parallel.pp_size == 1:
         return value
     holder = [value]
-    dist.broadcast_object_list(holder, src=parallel_state.get_pipeline_model_parallel_last_rank(),
-                               group=parallel_state.get_pipeline_model_parallel_group())
+    dist.broadcast_object_list(holder, src=parallel.pp_last_rank, group=parallel.pp_group)
     return holder[0]
 
 
@@ -325,17 +318,18 @@ def _normalize(totals: dict[str, float]) -> tuple[float, dict[str, float], dict[
 
 # ------------------------------------------------------------------------------------- public API
 def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[MicroBatch],
-               objective: ObjectiveConfig, parallel: ParallelConfig | None, step_index: int,
+               objective: ObjectiveConfig, parallel: ParallelContext, step_index: int,
                head: LogprobHeadConfig | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches through Megatron's pipeline schedule.
 
     model_chunks: from optim.wrap_ddp (DDP-wrapped GPTModel chunks); optimizer/scheduler from
     optim.build_optimizer / build_scheduler (scheduler may be None: constant lr); microbatches: this
     DP rank's share of the global batch (collate_microbatches), the same list on every TP/PP/CP rank
-    of the replica. The loss is the mean over the global batch's pairs (module docstring). Collective:
-    every rank of the job calls it with the same number of micro-batches per pipeline.
+    of the replica; parallel: the ParallelContext from initialize_parallel. The loss is the mean over the
+    global batch's pairs (module docstring). Collective: every rank of the job calls it with the same
+    number of micro-batches per pipeline.
     """
-    _check_setup(model_chunks, microbatches, parallel)
+    parallel = _check_setup(model_chunks, microbatches, parallel, "train_step")
     config = _unwrap(model_chunks[0]).config
     if not config.calculate_per_token_loss or config.finalize_model_grads_func is None:
         raise ValueError("the model chunks are not set up for training: wrap them with optim.wrap_ddp and build "
@@ -345,7 +339,7 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
         chunk.train()
         chunk.zero_grad_buffer()
     optimizer.zero_grad()
-    forward_step_func, state = make_forward_step(objective, head)
+    forward_step_func, state = make_forward_step(objective, parallel, head)
     reports = _schedule(model_chunks, microbatches, forward_step_func, forward_only_=False,
                         collect_non_loss_data=False)
     _raise_if_nonfinite(state, model_chunks, microbatches, step_index)
@@ -353,7 +347,7 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful and scheduler is not None:
         scheduler.step(1)
-    totals = _broadcast_from_last_stage(_reduce_reports(reports, state.device))
+    totals = _broadcast_from_last_stage(_reduce_reports(reports, state.device, parallel), parallel)
     loss, metrics, counts = _normalize(totals)
     return StepResult(step=step_index, loss=loss, metrics=metrics,
                       grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
@@ -363,7 +357,7 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
                       num_zeros_in_grad=None if num_zeros is None else int(num_zeros))
 
 
-def forward_only(model_chunks: list, microbatches: list[MicroBatch], parallel: ParallelConfig | None = None,
+def forward_only(model_chunks: list, microbatches: list[MicroBatch], parallel: ParallelContext,
                  head: LogprobHeadConfig | None = None) -> dict[str, dict[str, float]]:
     """Per-sample, per-role response log-prob sums of this rank's micro-batches, without gradients.
 
@@ -371,11 +365,12 @@ def forward_only(model_chunks: list, microbatches: list[MicroBatch], parallel: P
     forward_only=True in eval mode (the chunks' train/eval mode is restored). Returns
     {sample_id: {role: log-prob sum}} for this DP rank's samples, the same on every TP/PP/CP rank of
     the replica (gather over DP with dist.all_gather_object if one rank writes them all).
-    Collective over the model-parallel ranks of the replica.
+    Collective over the model-parallel ranks of the replica; parallel: the ParallelContext from
+    initialize_parallel.
     """
-    _check_setup(model_chunks, microbatches, parallel)
+    parallel = _check_setup(model_chunks, microbatches, parallel, "forward_only")
     modes = [chunk.training for chunk in model_chunks]
-    forward_step_func, _ = make_forward_step(None, head)
+    forward_step_func, _ = make_forward_step(None, parallel, head)
     try:
         for chunk in model_chunks:
             chunk.eval()
@@ -386,12 +381,10 @@ def forward_only(model_chunks: list, microbatches: list[MicroBatch], parallel: P
         for chunk, mode in zip(model_chunks, modes):
             chunk.train(mode)
     result = None
-    from megatron.core import parallel_state
-
-    if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
+    if parallel.is_last_stage():
         result = {}
         for out in outputs:
             for sample_id, row in zip(out["sample_ids"], out["logps"].tolist()):
                 result[sample_id] = dict(zip(out["roles"], row))
-    return _broadcast_from_last_stage(result)
+    return _broadcast_from_last_stage(result, parallel)
 

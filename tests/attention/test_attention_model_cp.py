@@ -65,7 +65,6 @@ def _run(model, layout, cp_rank, cp_size):
 
 def _worker(rank, world_size):
     import torch.distributed as dist
-    from megatron.core import parallel_state
 
     from megatron_solopo.model import ModelConfig, get_preset
     from megatron_solopo.model.builder import build_gpt_model
@@ -80,7 +79,7 @@ def _worker(rank, world_size):
     parallel = initialize_parallel(ParallelConfig(cp=2), seed=5)
     model = build_gpt_model(preset, parallel, model_config)
     model.load_state_dict(weights, strict=False)
-    cp_rank, group = parallel_state.get_context_parallel_rank(), parallel_state.get_context_parallel_group()
+    cp_rank, group = parallel.cp_rank, parallel.cp_group
     sharded = {}
     for layout in ("sbhd", "thd"):
         token_logps, grads = _run(model, layout, cp_rank, 2)

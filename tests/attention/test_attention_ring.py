@@ -83,7 +83,7 @@ def _module(cp_size, mask_type=AttnMaskType.causal, **overrides):
 
 
 def _module_cases(cp_rank, cp_size):
-    """SDPACoreAttention under CP (group from Megatron's parallel state): sbhd and THD with padding."""
+    """SDPACoreAttention under CP (no pg_collection: the current context's CP group): sbhd, THD with padding."""
     from megatron.core.packed_seq_params import PackedSeqParams
 
     results = {}
@@ -155,15 +155,12 @@ def _dropout_checks():
 
 
 def _worker(rank, world_size):
-    from megatron.core import parallel_state
-
     from megatron_solopo.parallel import ParallelConfig, initialize_parallel
 
     results = {}
     for cp_size in (2, 4):
-        initialize_parallel(ParallelConfig(cp=cp_size), seed=11)
-        group = parallel_state.get_context_parallel_group()
-        cp_rank = parallel_state.get_context_parallel_rank()
+        parallel = initialize_parallel(ParallelConfig(cp=cp_size), seed=11)
+        group, cp_rank = parallel.cp_group, parallel.cp_rank
         outputs = _ring_cases(group, cp_rank, cp_size)
         outputs.update(_module_cases(cp_rank, cp_size))
         results[cp_size] = {"cp_rank": cp_rank, "outputs": outputs, "helpers": _helper_checks(group, cp_rank, cp_size),

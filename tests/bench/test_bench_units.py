@@ -9,8 +9,14 @@ import json
 
 import pytest
 
-from megatron_solopo import bench
 from megatron_solopo.bench import commands, measure
+from megatron_solopo.bench.batches import pair_sequences, synthetic_sample
+from megatron_solopo.bench.config import DEFAULT_GPU_VARIANTS, BenchConfig, Variant, parse_variant
+from megatron_solopo.bench.flops import attention_flops, linear_flops_per_token, lm_head_flops, sequence_train_flops
+from megatron_solopo.bench.measure import run_case, summarize
+from megatron_solopo.bench.ratios import compute_ratios
+from megatron_solopo.bench.report import SCHEMA, across_runs_baseline_ratios, machine_slug, regenerate_report
+from megatron_solopo.bench.search import search_max_length
 from megatron_solopo.model.presets import get_preset
 
 
@@ -19,12 +25,12 @@ def test_flops_tiny_preset_by_hand():
     # tiny: h=64, f=128, heads 4, kv heads 2, d=16, 2 layers, vocab 256
     p = get_preset("tiny")
     # per layer: qkv 64*16*(4+2*2)=8192, proj 4*16*64=4096, mlp 3*64*128=24576 -> 36864 MACs
-    assert bench.linear_flops_per_token(p) == 2 * 36864 * 2
+    assert linear_flops_per_token(p) == 2 * 36864 * 2
     # causal attention, s=128: per layer and head QK^T + PV = 2 * 2*s*s*d, halved by the mask
-    assert bench.attention_flops(p, 128) == 2 * 2 * 128 * 128 * 16 // 2 * 4 * 2
-    assert bench.lm_head_flops(p, 16) == 2 * 64 * 256 * 16
+    assert attention_flops(p, 128) == 2 * 2 * 128 * 128 * 16 // 2 * 4 * 2
+    assert lm_head_flops(p, 16) == 2 * 64 * 256 * 16
     forward = 128 * 147456 + 4194304 + 524288
-    assert bench.sequence_train_flops(p, 128, 16) == 3 * forward == 70778880
+    assert sequence_train_flops(p, 128, 16) == 3 * forward == 70778880
 
 
 def test_linear_flops_match_parameter_count():
@@ -33,15 +39,15 @@ def test_linear_flops_match_parameter_count():
         p = get_preset(name)
         embeddings = p.vocab_size * p.hidden_size * (1 if p.tie_embeddings else 2)
         norms = p.num_layers * 2 * p.hidden_size + p.hidden_size
-        assert bench.linear_flops_per_token(p) == 2 * (p.num_parameters() - embeddings - norms)
+        assert linear_flops_per_token(p) == 2 * (p.num_parameters() - embeddings - norms)
 
 
 def test_attention_flops_quadratic():
     p = get_preset("llama-1b")
-    assert bench.attention_flops(p, 16384) == 4 * bench.attention_flops(p, 8192)
+    assert attention_flops(p, 16384) == 4 * attention_flops(p, 8192)
     # at 32K the 1.1B model spends more forward FLOPs in attention than in its matmuls:
     # 2*s*nq*d*layers = 2*32768*2048*22 vs 2*(~0.97e9) per token
-    assert bench.attention_flops(p, 32768) > 32768 * bench.linear_flops_per_token(p)
+    assert attention_flops(p, 32768) > 32768 * linear_flops_per_token(p)
 
 
 # ----------------------------------------------------------------------------------------- search
@@ -55,7 +61,7 @@ def _fits_below(limit, calls=None):
 
 def test_search_doubling_then_bisection():
     calls = []
-    res = bench.search_max_length(_fits_below(19000, calls), start=4096, limit=131072, granularity=1024)
+    res = search_max_length(_fits_below(19000, calls), start=4096, limit=131072, granularity=1024)
     # doubling 4K ok, 8K ok, 16K ok, 32K fail; bisect 24K fail, 20K fail, 18K ok, 19K (19456) fail
     assert calls == [4096, 8192, 16384, 32768, 24576, 20480, 18432, 19456]
     assert (res.max_ok, res.first_fail, res.hit_limit) == (18432, 19456, False)
@@ -63,9 +69,9 @@ def test_search_doubling_then_bisection():
 
 
 def test_search_edges():
-    nothing = bench.search_max_length(_fits_below(100), start=4096, limit=65536, granularity=1024)
+    nothing = search_max_length(_fits_below(100), start=4096, limit=65536, granularity=1024)
     assert (nothing.max_ok, nothing.first_fail, len(nothing.trials)) == (None, 4096, 1)
-    everything = bench.search_max_length(_fits_below(10**9), start=4096, limit=20000, granularity=1024)
+    everything = search_max_length(_fits_below(10**9), start=4096, limit=20000, granularity=1024)
     # 4096, 8192, 16384, then the limit itself
     assert (everything.max_ok, everything.first_fail, everything.hit_limit) == (20000, None, True)
     assert [t["long_length"] for t in everything.trials] == [4096, 8192, 16384, 20000]
@@ -73,11 +79,11 @@ def test_search_edges():
 
 def test_search_seeded_by_sweep_skips_known_lengths():
     calls = []
-    res = bench.search_max_length(_fits_below(19000, calls), 4096, 131072, 1024, known_ok=16384, known_fail=32768)
+    res = search_max_length(_fits_below(19000, calls), 4096, 131072, 1024, known_ok=16384, known_fail=32768)
     assert calls == [24576, 20480, 18432, 19456]
     assert res.max_ok == 18432
     calls.clear()
-    res = bench.search_max_length(_fits_below(19000, calls), 4096, 131072, 1024, known_fail=4096)
+    res = search_max_length(_fits_below(19000, calls), 4096, 131072, 1024, known_fail=4096)
     assert calls == [] and res.max_ok is None
 
 
@@ -104,7 +110,7 @@ def test_ratios():
     searches = [_search("ours", "te", "orpo", "solo", 40960), _search("ours", "te", "orpo", "long", 20480),
                 _search("ours", "sdpa", "orpo", "solo", 131072, hit_limit=True),
                 _search("ours", "sdpa", "orpo", "long", 32768)]
-    r = bench.compute_ratios(cases, searches)
+    r = compute_ratios(cases, searches)
     by_len = {x["long_length"]: x for x in r["solo_over_long_time_per_pair"]}
     assert by_len[8192]["ratio"] == pytest.approx(0.58)
     assert by_len[65536]["ratio"] is None and by_len[65536]["long_status"] == "oom"
@@ -119,25 +125,25 @@ def test_ratios():
 
 
 def test_summarize_median_and_mfu():
-    out = bench.summarize([3.0, 1.0, 2.0], pairs=2, tokens=1000, flops=4e12, peak_tflops=4.0)
+    out = summarize([3.0, 1.0, 2.0], pairs=2, tokens=1000, flops=4e12, peak_tflops=4.0)
     # median 2 s: 1 s/pair, 1 pair/s, 500 tokens/s, 2 TFLOP/s, MFU 2/4
     assert out == {"time_per_pair_s": 1.0, "pairs_per_s": 1.0, "tokens_per_s": 500.0,
                    "model_tflops_per_s": 2.0, "mfu": 0.5}
-    assert bench.summarize([1.0], 1, 1, 1e12, None)["mfu"] is None
+    assert summarize([1.0], 1, 1, 1e12, None)["mfu"] is None
 
 
 # ------------------------------------------------------------------------------ sequences, variants
 def test_pair_sequences_follow_the_objective():
-    solo = bench.pair_sequences("orpo", "solo", 8192, 1024)
+    solo = pair_sequences("orpo", "solo", 8192, 1024)
     assert sorted(solo) == [("long_chosen", 8192), ("short_chosen", 1024), ("short_rejected", 1024)]
-    assert sorted(bench.pair_sequences("dpo", "long", 8192, 1024)) == [("long_chosen", 8192), ("long_rejected", 8192)]
+    assert sorted(pair_sequences("dpo", "long", 8192, 1024)) == [("long_chosen", 8192), ("long_rejected", 8192)]
 
 
 def test_synthetic_sample_format():
     import torch
 
     gen = torch.Generator().manual_seed(0)
-    dpo = bench.synthetic_sample("dpo", "solo", 256, 64, 16, 256, gen, "s0")
+    dpo = synthetic_sample("dpo", "solo", 256, 64, 16, 256, gen, "s0")
     assert {k: len(v) for k, v in dpo.items() if k.endswith("_input_ids")} == {
         "long_chosen_input_ids": 256, "short_chosen_input_ids": 64, "short_rejected_input_ids": 64}
     # the response is the last 16 tokens, the same y_w under the short and the long context
@@ -147,31 +153,31 @@ def test_synthetic_sample_format():
     assert sorted(k for k in dpo if k.startswith("ref_")) == [
         "ref_long_chosen_logps", "ref_short_chosen_logps", "ref_short_rejected_logps"]
     assert all(v < 0 for k, v in dpo.items() if k.startswith("ref_"))
-    orpo = bench.synthetic_sample("orpo", "long", 256, 64, 16, 256, gen, "s1")
+    orpo = synthetic_sample("orpo", "long", 256, 64, 16, 256, gen, "s1")
     assert not any(k.startswith("ref_") for k in orpo)
 
 
 def test_parse_variant():
-    v = bench.parse_variant("x:backend=sdpa,recompute=full,packing=off,objectives=orpo+dpo", [])
+    v = parse_variant("x:backend=sdpa,recompute=full,packing=off,objectives=orpo+dpo", [])
     assert (v.attention_backend, v.recompute, v.packing, v.objectives) == ("sdpa", "full", False, ("orpo", "dpo"))
-    assert bench.parse_variant("te-fp8", bench.DEFAULT_GPU_VARIANTS).fp8 == "hybrid"
+    assert parse_variant("te-fp8", DEFAULT_GPU_VARIANTS).fp8 == "hybrid"
     with pytest.raises(ValueError, match="needs backend=te"):
-        bench.parse_variant("x:backend=sdpa,fp8=hybrid", [])
+        parse_variant("x:backend=sdpa,fp8=hybrid", [])
     with pytest.raises(ValueError, match="packing=off"):
-        bench.parse_variant("x:backend=local", [])
+        parse_variant("x:backend=local", [])
     with pytest.raises(ValueError, match="not one of off, hybrid"):
-        bench.parse_variant("x:backend=te,fp8=mxfp4", [])
+        parse_variant("x:backend=te,fp8=mxfp4", [])
     with pytest.raises(ValueError, match="unknown key"):
-        bench.parse_variant("x:kernel=flash", [])
+        parse_variant("x:kernel=flash", [])
     with pytest.raises(ValueError, match="known: te"):
-        bench.parse_variant("nope", bench.DEFAULT_GPU_VARIANTS)
+        parse_variant("nope", DEFAULT_GPU_VARIANTS)
 
 
 def _cfg(**kw):
     base = dict(preset="tiny", device="cpu", dtype="fp32", long_lengths=(128, 256), short_length=64,
                 response_length=16)
     base.update(kw)
-    return bench.BenchConfig(**base)
+    return BenchConfig(**base)
 
 
 @pytest.mark.parametrize("kw, msg", [
@@ -179,7 +185,7 @@ def _cfg(**kw):
     (dict(response_length=64), "shorter"),
     (dict(long_lengths=(64, 128)), "exceed"),
     (dict(gpu_memory_cap_gib=1.0), "needs --device cuda"),
-    (dict(variants=(bench.Variant("te"),)), "te backend needs"),
+    (dict(variants=(Variant("te"),)), "te backend needs"),
     (dict(baseline="hf"), "--baseline"),
 ])
 def test_config_errors(kw, msg):
@@ -194,7 +200,7 @@ def test_tokens_parser():
 # ----------------------------------------------------------------------------------------- report
 def test_report_from_json(tmp_path):
     doc = {
-        "schema": bench.SCHEMA, "tag": "t", "status": "complete", "date": "2026-01-01T00:00:00+00:00",
+        "schema": SCHEMA, "tag": "t", "status": "complete", "date": "2026-01-01T00:00:00+00:00",
         "meta": {"gpu_name": None, "torch": "x", "megatron_core": "y", "transformer_engine": None,
                  "transformers": "z", "trl": None},
         "settings": {"preset": "tiny", "dtype": "fp32", "short_length": 64, "response_length": 16,
@@ -203,22 +209,22 @@ def test_report_from_json(tmp_path):
         "cases": [dict(_case("ours", "sdpa", "orpo", "solo", 128, 0.5), tokens_per_s=1.0, model_tflops_per_s=0.1,
                        mfu=None, peak_memory_gib=None)],
         "searches": [dict(_search("ours", "sdpa", "orpo", "solo", 256), first_fail=320, trials=[{}])],
-        "ratios": bench.compute_ratios([], []),
+        "ratios": compute_ratios([], []),
     }
     (tmp_path / "bench-tiny-t.json").write_text(json.dumps(doc))
-    files = bench.regenerate_report(tmp_path)
+    files = regenerate_report(tmp_path)
     assert sorted(f.name for f in files) == ["memory.png", "table.md", "time_per_pair.png"]
     table = (tmp_path / "table.md").read_text()
     assert "| ours | sdpa | orpo | solo | 128 | ok | 0.5 |" in table
     assert "not a measurement" in table
     assert (tmp_path / "time_per_pair.png").read_bytes()[:4] == b"\x89PNG"
     with pytest.raises(ValueError, match="no bench"):
-        bench.regenerate_report(tmp_path / "empty")
+        regenerate_report(tmp_path / "empty")
 
 
 def test_machine_slug():
-    assert bench.machine_slug({"gpu_name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
-    assert bench.machine_slug({"gpu_name": None}) == "cpu"
+    assert machine_slug({"gpu_name": "NVIDIA H100 80GB HBM3"}) == "nvidia-h100-80gb-hbm3"
+    assert machine_slug({"gpu_name": None}) == "cpu"
 
 
 # --------------------------------------------------------------------------------- OOM handling
@@ -253,13 +259,13 @@ class _FakeRunner:
 def test_run_case_catches_oom_and_recovers():
     cfg = _cfg(warmup_steps=1, measure_steps=2)
     fake = _FakeRunner(max_tokens=200)
-    ok = bench.run_case(fake, "orpo", "solo", 128, cfg, peak_tflops=None)
+    ok = run_case(fake, "orpo", "solo", 128, cfg, peak_tflops=None)
     assert ok.status == "ok" and len(ok.step_times_s) == 2 and fake.recovered == 0
     # solo at 128: short 64 + 64 + long 128 tokens; FLOPs summed over the three sequences
     assert ok.tokens_per_step == 256
-    assert ok.model_flops_per_step == (2 * bench.sequence_train_flops(fake.preset, 64, 16)
-                                       + bench.sequence_train_flops(fake.preset, 128, 16))
-    oom = bench.run_case(fake, "orpo", "solo", 256, cfg, peak_tflops=None)
+    assert ok.model_flops_per_step == (2 * sequence_train_flops(fake.preset, 64, 16)
+                                       + sequence_train_flops(fake.preset, 128, 16))
+    oom = run_case(fake, "orpo", "solo", 256, cfg, peak_tflops=None)
     assert oom.status == "oom" and oom.time_per_pair_s is None
     assert oom.error.startswith("OutOfMemoryError: CUDA out of memory")
     assert fake.recovered == 1 and fake.held == []
@@ -267,7 +273,7 @@ def test_run_case_catches_oom_and_recovers():
 
 def test_run_case_other_errors_are_not_oom():
     fake = _FakeRunner(max_tokens=10**6, error=RuntimeError("shape mismatch"))
-    res = bench.run_case(fake, "orpo", "long", 128, _cfg(), peak_tflops=None)
+    res = run_case(fake, "orpo", "long", 128, _cfg(), peak_tflops=None)
     assert res.status == "error" and "shape mismatch" in res.error
 
 
@@ -275,8 +281,8 @@ def test_simulated_oom_counts_step_tokens():
     fake = _FakeRunner(max_tokens=10**6)
     cfg = _cfg(simulate_oom_above_step_tokens=400)
     # long at 256: 2 x 256 = 512 tokens > 400; solo at 256: 64 + 64 + 256 = 384 <= 400
-    assert bench.run_case(fake, "orpo", "long", 256, cfg, None).status == "oom"
-    assert bench.run_case(fake, "orpo", "solo", 256, cfg, None).status == "ok"
+    assert run_case(fake, "orpo", "long", 256, cfg, None).status == "oom"
+    assert run_case(fake, "orpo", "solo", 256, cfg, None).status == "ok"
 
 
 def test_library_allocation_failures_count_as_oom():
@@ -294,7 +300,7 @@ def test_across_runs_ratio_takes_fastest_solo():
 
     runs = [doc("a", [_case("ours", "te", "orpo", "solo", 8192, 0.5), _case("baseline-trl", "gc", "orpo", "long", 8192, 2.0)]),
             doc("b", [_case("ours", "te-full", "orpo", "solo", 8192, 0.25), _case("ours", "te-full", "orpo", "long", 8192, 0.1)])]
-    (row,) = bench.across_runs_baseline_ratios(runs)
+    (row,) = across_runs_baseline_ratios(runs)
     # fastest solo: te-full at 4 pairs/s; baseline 0.5 pairs/s (long-ORPO of ours is not a baseline)
     assert row["ratio"] == pytest.approx(8.0) and row["ours"] == "te-full (b)"
 
@@ -303,10 +309,10 @@ def test_cli_config_errors_exit_2_with_message(capsys):
     from megatron_solopo.cli import build_parser
 
     args = build_parser("bench").parse_args(["bench", "--device", "cpu", "--variants", "x:backend=sdpa,fp8=hybrid"])
-    assert bench.run(args) == 2
+    assert commands.run(args) == 2
     assert "fp8=hybrid needs backend=te" in capsys.readouterr().err
     args = build_parser("bench").parse_args(["bench", "--device", "cpu", "--long-lengths", "256,128"])
-    assert bench.run(args) == 2
+    assert commands.run(args) == 2
     assert "ascending" in capsys.readouterr().err
 
 

@@ -5,14 +5,14 @@ import pytest
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from megatron_solopo.data.testing import build_tiny_tokenizer
+    from tiny_models import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, tiny_tokenizer):
-    from megatron_solopo.data.testing import build_tiny_llama
+    from tiny_models import build_tiny_llama
 
     return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer)
 

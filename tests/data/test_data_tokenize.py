@@ -4,9 +4,9 @@ import json
 import os
 
 import pytest
+from tiny_models import build_tiny_tokenizer
 
 from megatron_solopo.data.config import DataConfig
-from megatron_solopo.data.testing import build_tiny_tokenizer
 from megatron_solopo.data.tokenize import ROLES, load_tokenized_pairs, prompt_token_ids, tokenize_pair
 
 RECORDS = [
@@ -116,7 +116,8 @@ def test_invalid_records_are_rejected_before_tokenizing(tiny_tokenizer, tmp_path
 def test_sentencepiece_model_file(tmp_path):
     """A bare SentencePiece .model loads and tokenizes pairs with plain prompts (no chat template)."""
     spm = pytest.importorskip("sentencepiece")
-    from megatron_solopo.data.testing import synthetic_corpus
+    from tiny_models import synthetic_corpus
+
     from megatron_solopo.data.tokenize import load_tokenizer
 
     corpus = tmp_path / "corpus.txt"

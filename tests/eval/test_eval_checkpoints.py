@@ -15,6 +15,7 @@ def _run_eval(capsys, *args):
 
 def test_eval_backends_and_checkpoints_give_the_same_predictions(tiny_hf_dir, tiny_tokenizer, tmp_path, capsys):
     from megatron_solopo.convert import convert_hf_to_mcore, load_hf_into_mcore
+    from megatron_solopo.eval.evaluate import ModelSource
     from megatron_solopo.parallel.config import ParallelConfig
     from megatron_solopo.parallel.distributed import destroy_parallel
     from megatron_solopo.training.checkpointing import TrainState, save_checkpoint
@@ -31,12 +32,17 @@ def test_eval_backends_and_checkpoints_give_the_same_predictions(tiny_hf_dir, ti
     convert_hf_to_mcore(tiny_hf_dir, converted, ParallelConfig(), "fp32")
     _run_eval(capsys, "--checkpoint", str(converted), "--label", "converted", *small,
               f"eval.output_dir={tmp_path / 'converted-eval'}")
-    # a training checkpoint (step_N with config.yaml and tokenizer/), loaded directly (eval.backend=megatron)
+    # a training checkpoint (step_N with config.yaml and hf_assets/), loaded directly (eval.backend=megatron);
+    # its marker has no preset (the trainer's has one): the architecture comes from the saved config
     run_dir = tmp_path / "run"
     model = load_hf_into_mcore(tiny_hf_dir, ParallelConfig())
     step_dir = save_checkpoint(run_dir, TrainState(step=3, sampler={}), [model],
                                config_yaml=f"model:\n  hf_model: {tiny_hf_dir}\n", tokenizer=tiny_tokenizer)
     destroy_parallel()
+    # the marker's kind tells the two apart
+    assert ModelSource("megatron", str(converted)).checkpoint_kind() == "converted"
+    assert ModelSource("megatron", str(step_dir)).checkpoint_kind() == "trained"
+    assert ModelSource("hf", tiny_hf_dir).checkpoint_kind() is None
     _run_eval(capsys, "--checkpoint", str(step_dir), *small, "eval.backend=megatron",
               f"eval.output_dir={tmp_path / 'trained-eval'}")
     for name in ("mcore", "hf", "converted-eval", "trained-eval"):

@@ -40,7 +40,7 @@ def test_eval_hf_model_end_to_end(tiny_hf_dir, tmp_path, capsys):
         assert isinstance(report[key], kind), key
     assert report["schema_version"] == 1 and report["kind"] == "megatron_solopo.eval_report"
     assert MODEL_KEYS <= set(report["model"]) and report["model"]["label"] == "base"
-    assert report["generation"]["path"] == "hf-generate" and report["generation"]["greedy"] is True
+    assert report["generation"]["path"] == "hf-unpadded-prefill" and report["generation"]["greedy"] is True
     assert {"megatron_solopo", "torch", "transformers"} <= set(report["versions"])
     items = report["items"]
     skipped = {s: sum(r.values()) for s, r in report["skipped"].items()}
@@ -83,5 +83,11 @@ def test_eval_user_errors_exit_1_with_the_fix(tmp_path, capsys):
                  "eval.suites=[short]", "eval.num_samples=1", f"eval.output_dir={tmp_path}"])
     assert code == 1 and "not a complete checkpoint of this project" in capsys.readouterr().err
     assert not pathlib.Path(tmp_path / "report.json").exists()
+    garbled = tmp_path / "garbled"
+    garbled.mkdir()
+    (garbled / "solopo_checkpoint.json").write_text('{"kind": "trained", "format_version": 2')  # cut short
+    assert main(["eval", "--no-progress", "--checkpoint", str(garbled), f"eval.output_dir={tmp_path}"]) == 1
+    err = capsys.readouterr().err
+    assert "not valid JSON" in err and str(garbled / "solopo_checkpoint.json") in err
     assert main(["eval", "--no-progress", "--hf-model", str(tmp_path), "eval.suits=[short]"]) == 1
     assert "unknown config key(s) eval.suits" in capsys.readouterr().err

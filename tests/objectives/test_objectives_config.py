@@ -27,7 +27,7 @@ SC, SR, LC, LR = "short_chosen", "short_rejected", "long_chosen", "long_rejected
 def test_default_config_is_solo_orpo():
     config = ObjectiveConfig()
     assert (config.name, config.mode) == ("orpo", "solo")
-    assert config.hparams() == {"lam": 0.1, "sft_weight": 0.0, "alpha": 1.0, "ra_distance": "abs", "ra_on": "chosen"}
+    assert config.resolved_hparams == {"lam": 0.1, "sft_weight": 0.0, "alpha": 1.0, "ra_distance": "abs", "ra_on": "chosen"}
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -37,17 +37,17 @@ def test_default_config_is_solo_orpo():
     ("orpo", {"lam": 0.1}),
 ])
 def test_per_objective_defaults(name, expected):
-    assert ObjectiveConfig(name=name, mode="long").hparams() == {**expected, "sft_weight": 0.0}
+    assert ObjectiveConfig(name=name, mode="long").resolved_hparams == {**expected, "sft_weight": 0.0}
 
 
 def test_explicit_values_and_longpo_hparams():
     config = ObjectiveConfig(name="dpo", mode="solo", beta=0.05, alpha=3.0, ra_distance="squared", ra_on="both",
                              sft_weight=0.2)
-    assert config.hparams() == {"beta": 0.05, "label_smoothing": 0.0, "sft_weight": 0.2, "alpha": 3.0,
+    assert config.resolved_hparams == {"beta": 0.05, "label_smoothing": 0.0, "sft_weight": 0.2, "alpha": 3.0,
                                 "ra_distance": "squared", "ra_on": "both"}
-    assert ObjectiveConfig(name="dpo", mode="longpo").hparams() == {"beta": 0.1, "label_smoothing": 0.0,
+    assert ObjectiveConfig(name="dpo", mode="longpo").resolved_hparams == {"beta": 0.1, "label_smoothing": 0.0,
                                                                     "nll_weight": 0.01}
-    assert ObjectiveConfig(name="dpo", mode="longpo", nll_weight=1.0).hparams()["nll_weight"] == 1.0
+    assert ObjectiveConfig(name="dpo", mode="longpo", nll_weight=1.0).resolved_hparams["nll_weight"] == 1.0
 
 
 def test_every_field_has_a_docstring_in_the_source():

@@ -12,6 +12,7 @@ from megatron_solopo.objectives import (
     PreferenceObjective,
     get_objective,
     longpo_loss,
+    objective_loss,
     preference_loss,
     register_objective,
     registered_objectives,
@@ -269,10 +270,31 @@ def test_plugged_in_objective_works_everywhere(hinge_objective):
     with pytest.raises(ValueError, match=r"unknown hyperparameter\(s\) \['gamma'\]"):
         preference_loss("hinge", chosen, rejected, n, n, gamma=1.0)
     config = ObjectiveConfig(name="hinge", mode="solo", beta=0.5)
-    assert config.hparams() == {"beta": 0.5, "delta": 1.0, "sft_weight": 0.0, "alpha": 1.0,
-                                "ra_distance": "abs", "ra_on": "chosen"}
+    assert config.resolved_hparams == {"beta": 0.5, "delta": 1.0, "sft_weight": 0.0, "alpha": 1.0,
+                                       "ra_distance": "abs", "ra_on": "chosen"}
     assert required_reference_sequences(config) == frozenset()
     assert required_sequences(config) == {"short_chosen", "short_rejected", "long_chosen"}
+    # its own hyperparameter comes from the config's open `hparams` mapping, validated once, here
+    config = ObjectiveConfig(name="hinge", mode="short", hparams={"delta": 2.0})
+    assert config.resolved_hparams == {"beta": 1.0, "delta": 2.0, "sft_weight": 0.0}
+    with pytest.raises(ValueError, match=r"objective.hparams.gamma=1.0 is not a hyperparameter of 'hinge' "
+                                         r"\(used by: \['simpo'\]\); 'hinge' accepts \['beta', 'delta'\]"):
+        ObjectiveConfig(name="hinge", hparams={"gamma": 1.0})
+    with pytest.raises(ValueError, match="outside its allowed range"):
+        ObjectiveConfig(name="hinge", hparams={"delta": -1.0})
+    with pytest.raises(ValueError, match="objective.beta and objective.hparams.beta are both set"):
+        ObjectiveConfig(name="hinge", beta=0.5, hparams={"beta": 0.5})
+    loss, _ = objective_loss(config, {"short_chosen_logps": chosen, "short_rejected_logps": rejected,
+                                      "chosen_tokens": n, "rejected_tokens": n}, reduction="none")
+    # delta 2, beta 1: relu(2 - 1) = 1 and relu(2 - 4) = 0
+    assert loss.tolist() == pytest.approx([1.0, 0.0])
+
+
+@pytest.mark.parametrize("name", ["sft_weight", "alpha", "nll_weight", "reduction", "not an identifier"])
+def test_objectives_cannot_declare_reserved_hyperparameters(name):
+    with pytest.raises(ValueError, match="must be an identifier other than"):
+        PreferenceObjective(name="bad", pair_loss=lambda c, r, h: (c.logps, {}), reward=lambda s, h: s.logps,
+                            needs_reference=False, hparams={name: HParam(1.0, "x")})
 
 
 def test_unregistered_objective_is_gone(hinge_objective):

@@ -36,10 +36,11 @@ def _worker(rank: int, world_size: int, tmp: str):
     import os
 
     os.chdir(REPO)
+    from tiny_models import build_tiny_llama
+
     from megatron_solopo.config import load_config
     from megatron_solopo.convert import convert_hf_to_mcore
     from megatron_solopo.data.sample import sample_tokenizer_dir
-    from megatron_solopo.data.testing import build_tiny_llama
     from megatron_solopo.data.tokenize import load_tokenizer
     from megatron_solopo.parallel import init_process_group
     from megatron_solopo.training.loop import train
@@ -74,6 +75,9 @@ def _worker(rank: int, world_size: int, tmp: str):
     out["losses"] = {name: s.last_metrics["loss"] for name, s in
                      (("hf", from_hf), ("mcore", from_mcore), ("trained", from_trained))}
     out["trained_marker"] = json.loads((trained / "solopo_checkpoint.json").read_text())
+    from megatron_solopo.checkpoint import read_marker
+
+    out["kinds"] = {"mcore": read_marker(tmp / "mcore").kind, "trained": read_marker(trained).kind}
     out["trained_assets"] = sorted(p.name for p in (trained / "hf_assets").iterdir())
     # a training checkpoint exports back to HF (its common state also holds optimizer/train state)
     from megatron_solopo.convert import convert_mcore_to_hf
@@ -102,6 +106,9 @@ def test_converted_checkpoint_starts_where_the_hf_model_does(result):
 def test_training_checkpoint_is_a_model_checkpoint(result):
     marker = result["trained_marker"]
     assert marker["preset"]["hidden_size"] == 32 and marker["dtype"] == "fp32"
+    # both markers carry a preset; the kind tells a training checkpoint from a converted one
+    assert marker["kind"] == "trained"
+    assert result["kinds"] == {"mcore": "converted", "trained": "trained"}
     assert {"config.json", "tokenizer.json"} <= set(result["trained_assets"])
     # the run from the trained weights continued from them: its loss is not the HF model's first loss
     assert result["losses"]["trained"] != pytest.approx(result["losses"]["hf"], rel=1e-6)

@@ -46,13 +46,14 @@ def _worker(rank: int, world_size: int, tmp: str):
     from megatron_solopo.parallel import init_process_group
     from megatron_solopo.training import reference
     from megatron_solopo.training.checkpointing import list_checkpoints
+    from megatron_solopo.training.commands import PrecomputeRef
     from megatron_solopo.training.loop import train
 
     tmp = pathlib.Path(tmp)
     init_process_group()  # train() then keeps the group between runs
     out: dict = {}
     # the CLI entry point, as a user runs it
-    out["precompute_rc"] = reference.run(argparse.Namespace(
+    out["precompute_rc"] = PrecomputeRef.run(argparse.Namespace(
         config=str(CONFIG), output=None, overrides=[f"data.cache_dir={tmp / 'cache'}", "objective.name=dpo",
                                                     "objective.lam=null", "train.micro_batch_pairs=1",
                                                     f"train.reference_path={tmp / 'ref' / 'reference_logps.pt'}"]))

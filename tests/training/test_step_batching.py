@@ -1,6 +1,6 @@
 """collate_microbatches: layouts, label shift, CP sharding, sequence-parallel tables, bookkeeping, errors.
 
-Pure CPU, no process group: cp_rank is passed explicitly.
+Pure CPU, no process group: each rank's view is a `ParallelContext.for_rank(config, cp_rank=...)`.
 """
 
 import pytest
@@ -9,6 +9,7 @@ from step_helpers import make_samples
 
 from megatron_solopo.objectives import ObjectiveConfig, required_batch_keys
 from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.context import ParallelContext
 from megatron_solopo.parallel.cp import thd_zigzag_token_indices, zigzag_token_indices
 from megatron_solopo.training.batching import (
     collate_microbatches,
@@ -19,6 +20,7 @@ from megatron_solopo.training.batching import (
 )
 
 SOLO = ObjectiveConfig(name="orpo", mode="solo")
+ONE = ParallelContext.for_rank(ParallelConfig())  # a single process, no process group
 
 
 def _tiny_sample(sample_id="a", prompt=(5, 6, 7), chosen=(8, 9), rejected=(10,), long_prompt=(1, 2, 3, 4, 5)):
@@ -31,7 +33,7 @@ def _tiny_sample(sample_id="a", prompt=(5, 6, 7), chosen=(8, 9), rejected=(10,),
 
 
 def test_packed_layout_by_hand():
-    mb = collate_microbatches([_tiny_sample()], SOLO, ParallelConfig(), "packed", 1)[0]
+    mb = collate_microbatches([_tiny_sample()], SOLO, ONE, "packed", 1)[0]
     assert mb.roles == ("short_chosen", "short_rejected", "long_chosen")
     # sequences: [5 6 7 8 9], [5 6 7 10], [1 2 3 4 5 8 9]; no padding at cp=1
     assert mb.tokens.tolist() == [[5, 6, 7, 8, 9, 5, 6, 7, 10, 1, 2, 3, 4, 5, 8, 9]]
@@ -49,7 +51,7 @@ def test_packed_layout_by_hand():
 
 
 def test_padded_layout_by_hand():
-    mb = collate_microbatches([_tiny_sample()], SOLO, ParallelConfig(), "padded", 1, pad_token_id=0)[0]
+    mb = collate_microbatches([_tiny_sample()], SOLO, ONE, "padded", 1, pad_token_id=0)[0]
     assert mb.tokens.tolist() == [[5, 6, 7, 8, 9, 0, 0], [5, 6, 7, 10, 0, 0, 0], [1, 2, 3, 4, 5, 8, 9]]
     assert mb.packed_seq_params is None and mb.position_ids[1].tolist() == list(range(7))
     # decoder rows are [s, b]: flat index = position * 3 + sequence
@@ -86,10 +88,11 @@ def _global_rows(mb, cp_rank, cp, layout):
 @pytest.mark.parametrize("layout", ["packed", "padded"])
 def test_cp_shards_partition_the_scored_rows(layout):
     samples = make_samples(3, seed=1)
-    full = collate_microbatches(samples, SOLO, ParallelConfig(cp=2), layout, 3, cp_rank=0)  # padded to 2*cp
-    unsharded = _global_rows(collate_microbatches(samples, SOLO, ParallelConfig(), layout, 3,
+    cp2 = [ParallelContext.for_rank(ParallelConfig(cp=2), cp_rank=r) for r in (0, 1)]
+    full = collate_microbatches(samples, SOLO, cp2[0], layout, 3)  # padded to 2*cp
+    unsharded = _global_rows(collate_microbatches(samples, SOLO, ONE, layout, 3,
                                                   pad_to_multiple_of=4)[0], 0, 1, layout)
-    shards = [collate_microbatches(samples, SOLO, ParallelConfig(cp=2), layout, 3, cp_rank=r)[0] for r in (0, 1)]
+    shards = [collate_microbatches(samples, SOLO, cp2[r], layout, 3)[0] for r in (0, 1)]
     union = sorted(_global_rows(shards[0], 0, 2, layout) + _global_rows(shards[1], 1, 2, layout))
     assert union == unsharded
     assert sum(s.rows.row_index.numel() for s in shards) == full[0].num_response_tokens
@@ -102,7 +105,7 @@ def test_cp_shards_partition_the_scored_rows(layout):
 
 def test_response_rows_predict_the_response_tokens():
     samples = make_samples(2, seed=2)
-    mb = collate_microbatches(samples, SOLO, ParallelConfig(), "packed", 2)[0]
+    mb = collate_microbatches(samples, SOLO, ONE, "packed", 2)[0]
     flat_tokens = mb.tokens.reshape(-1)
     assert torch.equal(flat_tokens[mb.rows.row_index + 1], mb.rows.targets)  # next token (b = 1)
     for k, (sample_idx, role) in enumerate([(i, r) for i in range(2) for r in mb.roles]):
@@ -112,7 +115,7 @@ def test_response_rows_predict_the_response_tokens():
 
 def test_sequence_parallel_tables_reproduce_the_rows_in_gathered_order():
     samples = make_samples(2, seed=4)
-    parallel = ParallelConfig(tp=2, sequence_parallel=True)
+    parallel = ParallelContext.for_rank(ParallelConfig(tp=2, sequence_parallel=True))
     mb = collate_microbatches(samples, SOLO, parallel, "packed", 2)[0]
     rows = mb.rows
     per_rank = mb.tokens.numel() // 2
@@ -129,7 +132,7 @@ def test_sequence_parallel_tables_reproduce_the_rows_in_gathered_order():
 
 def test_micro_batches_keep_pairs_together_and_map_back():
     samples = make_samples(4, seed=5)
-    mbs = collate_microbatches(samples, SOLO, ParallelConfig(), "padded", 2)
+    mbs = collate_microbatches(samples, SOLO, ONE, "padded", 2)
     assert [mb.sample_ids for mb in mbs] == [["pair0", "pair1"], ["pair2", "pair3"]]
     mb = mbs[1]
     sums = torch.arange(6, dtype=torch.float32)  # sequence k = (pair k // 3, role k % 3)
@@ -158,9 +161,9 @@ def test_reference_logps_are_carried_for_dpo_and_longpo():
     for i, sample in enumerate(samples):
         for role in ("short_chosen", "short_rejected", "long_chosen", "long_rejected"):
             sample[f"ref_{role}_logps"] = -10.0 - i
-    dpo = collate_microbatches(samples, ObjectiveConfig(name="dpo", mode="solo"), ParallelConfig(), "packed", 2)[0]
+    dpo = collate_microbatches(samples, ObjectiveConfig(name="dpo", mode="solo"), ONE, "packed", 2)[0]
     assert set(dpo.reference_logps) == {"ref_short_chosen_logps", "ref_short_rejected_logps", "ref_long_chosen_logps"}
-    longpo = collate_microbatches(samples, ObjectiveConfig(name="dpo", mode="longpo"), ParallelConfig(), "packed", 2)[0]
+    longpo = collate_microbatches(samples, ObjectiveConfig(name="dpo", mode="longpo"), ONE, "packed", 2)[0]
     assert set(longpo.reference_logps) == {"ref_short_chosen_logps", "ref_short_rejected_logps"}
     assert longpo.roles == ("long_chosen", "long_rejected")
     assert longpo.reference_logps["ref_short_chosen_logps"].tolist() == [-10.0, -11.0]
@@ -169,7 +172,7 @@ def test_reference_logps_are_carried_for_dpo_and_longpo():
 
 def test_scoring_micro_batches_allow_a_partial_last_batch_and_need_no_reference():
     samples = make_samples(5, seed=7)
-    mbs = collate_scoring_microbatches(samples, ["long_chosen", "short_chosen"], ParallelConfig(), "packed", 2)
+    mbs = collate_scoring_microbatches(samples, ["long_chosen", "short_chosen"], ONE, "packed", 2)
     assert [mb.num_pairs for mb in mbs] == [2, 2, 1]
     assert mbs[0].roles == ("short_chosen", "long_chosen")
     assert mbs[0].rejected_tokens.tolist() == [0, 0]
@@ -196,16 +199,19 @@ def test_malformed_samples_name_the_sample_and_the_fix(mutate, message):
     sample = _tiny_sample("bad-7")
     mutate(sample)
     with pytest.raises(ValueError, match=message) as err:
-        collate_microbatches([sample], SOLO, ParallelConfig(), "packed", 1, vocab_size=256)
+        collate_microbatches([sample], SOLO, ONE, "packed", 1, vocab_size=256)
     assert "bad-7" in str(err.value)
 
 
 def test_missing_reference_and_bad_arguments():
     with pytest.raises(ValueError, match="ref_short_chosen_logps.*precompute-ref"):
-        collate_microbatches([_tiny_sample()], ObjectiveConfig(name="dpo", mode="solo"), ParallelConfig(), "packed", 1)
+        collate_microbatches([_tiny_sample()], ObjectiveConfig(name="dpo", mode="solo"), ONE, "packed", 1)
     with pytest.raises(ValueError, match="layout"):
-        collate_microbatches([_tiny_sample()], SOLO, ParallelConfig(), "thd", 1)
+        collate_microbatches([_tiny_sample()], SOLO, ONE, "thd", 1)
     with pytest.raises(ValueError, match="multiple of micro_batch_pairs"):
-        collate_microbatches(make_samples(3), SOLO, ParallelConfig(), "packed", 2)
+        collate_microbatches(make_samples(3), SOLO, ONE, "packed", 2)
     with pytest.raises(ValueError, match="cp_rank"):
-        collate_microbatches([_tiny_sample()], SOLO, ParallelConfig(cp=2), "packed", 1, cp_rank=2)
+        collate_microbatches([_tiny_sample()], SOLO, ParallelContext.for_rank(ParallelConfig(cp=2), cp_rank=2),
+                             "packed", 1)
+    with pytest.raises(TypeError, match="ParallelContext"):  # a config alone does not say which rank this is
+        collate_microbatches([_tiny_sample()], SOLO, ParallelConfig(), "packed", 1)

@@ -58,7 +58,7 @@ def _head_per_token(model, mb, head=None):
 
 
 def _head_checks():
-    from megatron_solopo.parallel import ParallelConfig
+    from megatron_solopo.parallel import current_parallel_context
     from megatron_solopo.training.batching import collate_scoring_microbatches
 
     samples = make_samples(3, seed=11)
@@ -66,17 +66,17 @@ def _head_checks():
     for backend, layout in (("local", "padded"), ("sdpa", "padded"), ("sdpa", "packed")):
         model = _model(backend)[0]
         reference = _full_logits_reference(model, samples)
-        mb = collate_scoring_microbatches(samples, ROLES, ParallelConfig(), layout, 3)[0]
+        mb = collate_scoring_microbatches(samples, ROLES, current_parallel_context(), layout, 3)[0]
         results[(backend, layout)] = {"head": _head_per_token(model, mb), "reference": reference}
     return results
 
 
 def _chunking_and_recompute():
     from megatron_solopo.model.logprobs import LogprobHeadConfig, make_output_processor
-    from megatron_solopo.parallel import ParallelConfig
+    from megatron_solopo.parallel import current_parallel_context
     from megatron_solopo.training.batching import collate_scoring_microbatches
 
-    mb = collate_scoring_microbatches(make_samples(3, seed=12), ROLES, ParallelConfig(), "packed", 3)[0]
+    mb = collate_scoring_microbatches(make_samples(3, seed=12), ROLES, current_parallel_context(), "packed", 3)[0]
     out = {}
     for head in (LogprobHeadConfig(chunk_tokens=4096, recompute=False), LogprobHeadConfig(chunk_tokens=3)):
         model = _model("sdpa")[0]
@@ -108,14 +108,14 @@ class _VocabWideTensors(torch.utils._python_dispatch.TorchDispatchMode):
 def _memory_checks():
     """Rows fed to the output layer and the largest vocab-wide tensor, short vs 16x longer contexts."""
     from megatron_solopo.model.logprobs import LogprobHeadConfig, make_output_processor
-    from megatron_solopo.parallel import ParallelConfig
+    from megatron_solopo.parallel import current_parallel_context
     from megatron_solopo.training.batching import collate_scoring_microbatches
 
     model = _model("sdpa", vocab_size=VOCAB)[0]
     out = {}
     for name, long_len in (("short", (40, 40)), ("long", (640, 640))):
         samples = make_samples(2, seed=13, long=long_len, response=(5, 5))
-        mb = collate_scoring_microbatches(samples, ("long_chosen",), ParallelConfig(), "packed", 2)[0]
+        mb = collate_scoring_microbatches(samples, ("long_chosen",), current_parallel_context(), "packed", 2)[0]
         rows_per_call: list[int] = []
 
         def count_rows(module, args, output, rows_per_call=rows_per_call):
@@ -143,11 +143,11 @@ def _train_objects(backend="sdpa", **kwargs):
 
 def _forward_only_and_nan_checks():
     from megatron_solopo.objectives import ObjectiveConfig
-    from megatron_solopo.parallel import ParallelConfig
+    from megatron_solopo.parallel import current_parallel_context
     from megatron_solopo.training.batching import collate_microbatches, collate_scoring_microbatches
     from megatron_solopo.training.step import NonFiniteGradError, NonFiniteLossError, forward_only, train_step
 
-    parallel, objective = ParallelConfig(), ObjectiveConfig(name="simpo", mode="solo")
+    parallel, objective = current_parallel_context(), ObjectiveConfig(name="simpo", mode="solo")
     samples = make_samples(4, seed=14, prefix="s")
     out = {}
     chunks, optimizer, scheduler = _train_objects()

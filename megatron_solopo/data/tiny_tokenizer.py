@@ -1,4 +1,4 @@
-"""Tiny local tokenizer and model for tests and examples (no model hub access needed).
+"""A tiny local tokenizer for the packaged sample data, examples and tests (no model hub access needed).
 
 ``build_tiny_tokenizer`` trains a byte-level BPE on synthetic QA text and wraps it in
 ``transformers.PreTrainedTokenizerFast`` with a ChatML chat template and an EOS token, so every code
@@ -7,11 +7,10 @@ path that uses a real chat model's tokenizer (chat template, EOS, special tokens
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
 from typing import Any
 
-__all__ = ["CHATML_TEMPLATE", "build_tiny_tokenizer", "build_tiny_llama", "synthetic_corpus"]
+__all__ = ["CHATML_TEMPLATE", "build_tiny_tokenizer", "synthetic_corpus"]
 
 CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
@@ -64,21 +63,3 @@ def build_tiny_tokenizer(texts: Iterable[str] | None = None, vocab_size: int = 1
     return PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|im_end|>", pad_token="<pad>",
                                    bos_token="<|endoftext|>", unk_token=None if byte_level else "<unk>",
                                    chat_template=CHATML_TEMPLATE, model_max_length=model_max_length)
-
-
-def build_tiny_llama(save_dir: str | os.PathLike, tokenizer: Any, hidden_size: int = 32, num_layers: int = 2,
-                     seed: int = 0) -> str:
-    """Saves a random tiny LlamaForCausalLM plus `tokenizer` to `save_dir` (a loadable HF directory)."""
-    import torch
-    import transformers
-
-    torch.manual_seed(seed)
-    config = transformers.LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=4096,
-        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, bos_token_id=tokenizer.bos_token_id,
-        tie_word_embeddings=True)
-    model = transformers.LlamaForCausalLM(config)
-    model.save_pretrained(str(save_dir))
-    tokenizer.save_pretrained(str(save_dir))
-    return str(save_dir)
