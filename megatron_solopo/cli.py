@@ -23,6 +23,8 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("megatron_solopo.demo", "the end-to-end demo: fetch, build data, train, evaluate"),
     "experiment": ("megatron_solopo.experiment.commands",
                    "the quality experiment: SoLo-X vs long-X vs expand-long-X vs base, with CIs and cost"),
+    "plan": ("megatron_solopo.plan.commands",
+             "per-GPU peak memory of one training step for a layout (fake-tensor dry run)"),
 }
 
 

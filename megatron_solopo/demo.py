@@ -33,9 +33,9 @@ def demo_config_path() -> pathlib.Path:
 
 def _device_overrides() -> list[str]:
     """With CUDA, sample the pairs' responses with the model itself (too slow on a 2-core CPU)."""
-    import torch
+    from megatron_solopo.parallel.device import cuda_in_use
 
-    if not torch.cuda.is_available():
+    if not cuda_in_use():
         return []
     return ["data.sampling_backend=hf", "data.num_responses=8", "data.max_new_tokens=256",
             "model.params_dtype=bf16"]

@@ -13,6 +13,8 @@ def collect() -> dict:
     """A dict describing Python, torch/CUDA, Megatron-Core, TE, flash-attn, apex and the GPUs."""
     import torch
 
+    from megatron_solopo.parallel.device import cuda_in_use, requested_device
+
     info = {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -31,7 +33,8 @@ def collect() -> dict:
         "trl": backends.package_version("trl"),
         "vllm": backends.package_version("vllm"),
         "default_attention_backend": backends.resolve_attention_backend("auto"),
-        "distributed_backend": "nccl" if torch.cuda.is_available() else "gloo (CPU shim)",
+        "distributed_backend": "nccl" if cuda_in_use() else "gloo (CPU shim)",
+        "requested_device": requested_device(),
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
@@ -44,13 +47,16 @@ def collect() -> dict:
 def measure_matmul_gflops(size: int = 2048, repeats: int = 5, device: str | None = None) -> dict:
     """This machine's dense fp32 matmul throughput: the best and median GFLOP/s of `repeats` timed
     [size x size] @ [size x size] products (2 * size^3 FLOPs each) after one warm-up, on `device`
-    (default: cuda when present, else cpu). The yardstick for "fraction of peak" figures."""
+    (default: cuda when in use, else cpu). The yardstick for "fraction of peak" figures."""
     import statistics
     import time
 
     import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device is None:
+        from megatron_solopo.parallel.device import cuda_in_use
+
+        device = "cuda" if cuda_in_use() else "cpu"
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
     rates = []

@@ -15,7 +15,15 @@ def pytest_addoption(parser):
     parser.addoption("--run-gpu", action="store_true", help="run tests marked gpu (needs CUDA)")
 
 
+# CPU tests stay on the CPU on a GPU host too: the requested device (megatron_solopo.parallel.device) is
+# inherited by every process the tests spawn (gloo ranks); only tests marked gpu request CUDA.
+os.environ["SOLOPO_DEVICE"] = "cpu"
+
+
 def pytest_configure(config):
+    if not config.getoption("--run-gpu"):
+        # hide the GPU altogether (before anything initializes CUDA): no CPU test can drift onto it
+        os.environ["CUDA_VISIBLE_DEVICES"] = ""
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with --run-gpu (make test-gpu)")
     config.addinivalue_line("markers", "slow: longer CPU test, still part of `make test`")
 
@@ -28,6 +36,15 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not run_gpu:
             item.add_marker(pytest.mark.skip(reason=reason))
+
+
+@pytest.fixture(autouse=True)
+def _requested_device(request, monkeypatch):
+    """Tests marked gpu compute on CUDA (and spawn ranks that do); every other test on the CPU."""
+    if "gpu" in request.keywords:
+        monkeypatch.setenv("SOLOPO_DEVICE", "cuda")
+    else:
+        monkeypatch.setenv("SOLOPO_DEVICE", "cpu")
 
 
 # ---- tiny models shared by the eval and experiment tests (tests/data overrides tiny_tokenizer with its own)

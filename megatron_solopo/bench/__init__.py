@@ -20,7 +20,7 @@ model build (tens of seconds for a 1.1B model) per trial, which the GPU budget c
 an out-of-memory error is caught at the case boundary, every reference to the failed step's tensors
 is dropped (exception, batch, gradients), then `gc.collect()` and `torch.cuda.empty_cache()` run, and
 the memory still allocated afterwards is recorded (`allocated_after_free_gib`) so a leak would show.
-Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (benchmarks/run_h100.sh does) so allocator
+Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (benchmarks/gpu_session.sh does) so allocator
 fragmentation after an OOM does not make a smaller length fail spuriously.
 
 Modules: config (BenchConfig, Variant, variant specs), flops (FLOP / MFU formulas), batches (synthetic

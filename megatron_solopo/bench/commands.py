@@ -91,7 +91,9 @@ def config_from_args(args: argparse.Namespace) -> BenchConfig:
     """BenchConfig from the command line, filling device-dependent defaults."""
     import torch
 
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from megatron_solopo.parallel.device import cuda_in_use
+
+    device = args.device or ("cuda" if cuda_in_use() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise ValueError("bench --device cuda but torch sees no CUDA GPU; use --device cpu for the toy run")
     gpu = device == "cuda"
@@ -136,12 +138,17 @@ def _runners(cfg: BenchConfig, preset, kind: str):
 
 
 def _init_parallel(cfg: BenchConfig) -> None:
-    """Megatron's parallel state for one process (TP = PP = CP = 1); GPU memory cap if asked."""
+    """Megatron's parallel state for one process (TP = PP = CP = 1) on `cfg.device`; GPU memory cap if asked.
+
+    The device is requested process-wide first (`parallel.request_device`), so `--device cpu` on a GPU
+    host runs our stack on the CPU (gloo, CPU shim, model not moved to CUDA) like the baseline.
+    """
     import torch
 
-    from megatron_solopo.parallel import ParallelConfig, initialize_parallel
+    from megatron_solopo.parallel import ParallelConfig, initialize_parallel, request_device
 
-    initialize_parallel(ParallelConfig(), seed=cfg.seed)
+    request_device(cfg.device)
+    initialize_parallel(ParallelConfig(), seed=cfg.seed, backend="nccl" if cfg.device == "cuda" else "gloo")
     if cfg.gpu_memory_cap_gib is not None:
         total = torch.cuda.get_device_properties(0).total_memory / 2**30
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_cap_gib / total))

@@ -38,9 +38,10 @@ class CaseResult:
     error: str | None = None
 
 
-# Allocation failures that libraries report as plain RuntimeErrors (cuBLAS / cuDNN workspaces, TE).
-_OOM_MARKERS = ("CUDA out of memory", "CUBLAS_STATUS_ALLOC_FAILED", "CUDNN_STATUS_ALLOC_FAILED",
-                "CUDA error: out of memory")
+# Allocation failures that libraries report as plain RuntimeErrors (cuBLAS / cuDNN workspaces, TE's
+# "CUDA Error: out of memory"); matched case-insensitively.
+_OOM_MARKERS = ("cuda out of memory", "cublas_status_alloc_failed", "cudnn_status_alloc_failed",
+                "cuda error: out of memory", "out of memory")
 
 
 def _is_oom(err: BaseException) -> bool:
@@ -49,7 +50,8 @@ def _is_oom(err: BaseException) -> bool:
 
     if isinstance(err, torch.OutOfMemoryError):
         return True
-    return isinstance(err, RuntimeError) and any(marker in str(err) for marker in _OOM_MARKERS)
+    text = str(err).lower()
+    return isinstance(err, RuntimeError) and any(marker in text for marker in _OOM_MARKERS)
 
 
 def free_memory(device: str) -> float | None:

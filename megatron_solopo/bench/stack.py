@@ -9,6 +9,7 @@ from typing import Any
 from megatron_solopo.bench.batches import synthetic_samples
 from megatron_solopo.bench.config import BenchConfig, Variant
 from megatron_solopo.bench.measure import free_memory
+from megatron_solopo.parallel.distributed import release_global_memory_buffer
 
 
 class StackRunner:
@@ -27,13 +28,17 @@ class StackRunner:
         return lambda: _stack_train_step(self.state, microbatches, objective, mode)
 
     def recover(self) -> None:
-        """After a failed step: empty the gradient buffers so nothing of it reaches the next case."""
+        """After a failed step: empty the gradient buffers and Megatron's global memory buffer (sized by the
+        failed case) so nothing of it reaches the next case."""
         for chunk in self.state.chunks:
             chunk.zero_grad_buffer()
         self.state.optimizer.zero_grad()
+        release_global_memory_buffer()
 
     def close(self) -> None:
+        """Drops the model and Megatron's process-wide scratch buffers: the next variant starts clean."""
         self.state = None
+        release_global_memory_buffer()
         free_memory(self.cfg.device)
 
 
@@ -66,13 +71,16 @@ def _build_stack(preset, variant: Variant, cfg: BenchConfig) -> _StackState:
     from megatron_solopo.training.optim import build_optimizer, wrap_ddp
 
     parallel = current_parallel_context()  # one process (bench.commands initialized it)
-    chunks = load_model(_model_config(preset, variant, cfg), parallel, preset)  # random init, on the GPU if any
+    model_config = _model_config(preset, variant, cfg)
+    chunks = load_model(model_config, parallel, preset)  # random init, on the GPU if any
     chunks = wrap_ddp(chunks)
     optimizer = build_optimizer(chunks, lr=1e-6, weight_decay=0.0, clip_grad=1.0)
-    # FP8 GEMMs need token counts in multiples of 16 (MEGATRON_NOTES: packing under FP8)
+    # FP8 GEMMs need token counts in the recipe's multiple on each rank's shard: the one rule of training
+    # and the reference pass (parallel.context: fp8_seq_multiple, applied per layout by collation)
     return _StackState(chunks=chunks, optimizer=optimizer, parallel=parallel,
                        layout="packed" if variant.packing else "padded",
-                       pad_to_multiple_of=fp8_seq_multiple(variant.fp8), device=cfg.device)
+                       pad_to_multiple_of=fp8_seq_multiple(model_config.fp8, model_config.fp8_recipe),
+                       device=cfg.device)
 
 
 def _stack_microbatches(state: _StackState, samples: list[dict], objective: str, mode: str) -> list:

@@ -7,6 +7,12 @@ A checkpoint directory (converted by `solopo convert hf-to-mcore`, or a training
     config.yaml                              trained only: the experiment config that produced it
     solopo_checkpoint.json                   the marker, written last (the completion signal)
 
+A training checkpoint also holds `manifest.json` (`write_manifest`, written after every other file,
+just before the directory is published): the relative name and size in bytes of every file. Loading
+checks it (`verify_manifest`) so a truncated, emptied or missing file is reported by path instead of
+failing inside torch.distributed.checkpoint; a checkpoint without a manifest (older saves, converted
+ones) is checked for its marker and a non-empty `.metadata` only.
+
 The marker is one JSON object with `format` ("megatron_solopo.checkpoint"), `format_version`,
 `kind` ("converted" | "trained") and what loading needs (`preset`, `dtype`, `hf_assets_dir`;
 `step` and `layout` for a trained one; `hf_config`, `source`, `versions` for a converted one).
@@ -33,6 +39,10 @@ HF_CONFIG_FILE = "config.json"
 """A Hugging Face model's config (in an HF directory, and in hf_assets/)."""
 DIST_METADATA_FILE = "metadata.json"
 """dist_checkpointing's own metadata: present in every Megatron distributed checkpoint."""
+TORCH_DCP_METADATA_FILE = ".metadata"
+"""torch.distributed.checkpoint's index of the .distcp shards."""
+MANIFEST_FILE = "manifest.json"
+"""Names and sizes of every file of a training checkpoint (written last before publishing)."""
 
 MARKER_FORMAT = "megatron_solopo.checkpoint"
 MARKER_FORMAT_VERSION = 2
@@ -151,3 +161,56 @@ def stored_tokenizer_dir(path: str | os.PathLike) -> pathlib.Path | None:
     marker = find_marker(path)
     assets = marker.assets_dir if marker is not None else pathlib.Path(path) / ASSETS_DIR
     return assets if any(assets.glob("tokenizer*")) else None
+
+
+# ------------------------------------------------------------------------------------- manifest
+def _files_of(directory: pathlib.Path) -> dict[str, int]:
+    return {file.relative_to(directory).as_posix(): file.stat().st_size
+            for file in sorted(directory.rglob("*")) if file.is_file() and file.name != MANIFEST_FILE}
+
+
+def write_manifest(directory: str | os.PathLike) -> pathlib.Path:
+    """Writes manifest.json listing {relative file name: size in bytes} of every file in `directory`
+    (atomically; call it after every other file is written). Returns its path."""
+    directory = pathlib.Path(directory)
+    final = directory / MANIFEST_FILE
+    tmp = final.with_name(f"{MANIFEST_FILE}.tmp")
+    files = _files_of(directory)
+    with tmp.open("w", encoding="utf-8") as f:
+        json.dump({"format": MARKER_FORMAT, "files": files}, f, indent=1)
+        f.write("\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, final)
+    return final
+
+
+def verify_manifest(directory: str | os.PathLike) -> list[str]:
+    """What is wrong with the checkpoint `directory` (empty list = intact): files of its manifest that
+    are missing or have another size, an unreadable manifest or marker, an empty or missing `.metadata`.
+    Every problem names the file."""
+    directory = pathlib.Path(directory)
+    problems: list[str] = []
+    try:
+        read_marker(directory)
+    except CheckpointError as err:
+        problems.append(str(err))
+    manifest = directory / MANIFEST_FILE
+    if manifest.is_file():
+        try:
+            files = json.loads(manifest.read_text(encoding="utf-8"))["files"]
+            if not isinstance(files, dict):
+                raise TypeError("files is not an object")
+        except (ValueError, KeyError, TypeError, UnicodeDecodeError) as err:
+            return [*problems, f"{manifest} is damaged ({err})"]
+        for name, size in files.items():
+            file = directory / name
+            if not file.is_file():
+                problems.append(f"{file} is missing")
+            elif file.stat().st_size != size:
+                problems.append(f"{file} has {file.stat().st_size} bytes, the manifest says {size}")
+    else:
+        index = directory / TORCH_DCP_METADATA_FILE
+        if not index.is_file() or index.stat().st_size == 0:
+            problems.append(f"{index} is missing or empty")
+    return problems

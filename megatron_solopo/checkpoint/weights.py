@@ -8,6 +8,7 @@ checkpoints store the model under the same global keys.
 
 from __future__ import annotations
 
+import logging
 import os
 import pathlib
 from collections.abc import Sequence
@@ -48,15 +49,68 @@ def load_model_weights(path: str | os.PathLike, model_chunks: Sequence[torch.nn.
     """Loads only the weights of a Megatron distributed checkpoint into `model_chunks`, at any layout.
 
     Accepts a training checkpoint (step_N) or a converted one (`solopo convert hf-to-mcore`): both
-    store the model under the same global tensor keys. Collective.
+    store the model under the same global tensor keys, and may have been written without Transformer
+    Engine while this model has TE modules (`load_tolerating_extra_state`). Collective.
     """
-    from megatron.core import dist_checkpointing
-
     path = pathlib.Path(path)
     if not (path / DIST_METADATA_FILE).is_file():
         raise CheckpointError(f"{path} is not a Megatron distributed checkpoint (no {DIST_METADATA_FILE}); give a "
                               "directory written by `solopo convert hf-to-mcore` or a training checkpoint step_N")
     request = model_sharded_state_dict(model_chunks)
-    loaded = dist_checkpointing.load(request, str(path))
+    loaded = load_tolerating_extra_state(request, path)
     for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
-        unwrap_model(chunk).load_state_dict(loaded[key])
+        load_module_state(unwrap_model(chunk), loaded[key], where=str(path))
+
+
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def _drop_entries(tree: Any, keep) -> list[str]:
+    """Removes, in place, every sharded entry of a nested dict/list for which keep(entry) is False."""
+    from megatron.core.dist_checkpointing.mapping import ShardedBase
+
+    dropped: list[str] = []
+    items = list(tree.items()) if isinstance(tree, dict) else list(enumerate(tree))
+    for name, value in reversed(items):  # reversed: list indices stay valid while deleting
+        if isinstance(value, (dict, list)):
+            dropped += _drop_entries(value, keep)
+        elif isinstance(value, ShardedBase) and not keep(value):
+            dropped.append(value.key)
+            del tree[name]
+    return dropped
+
+
+def load_tolerating_extra_state(request: dict[str, Any], path: str | os.PathLike) -> dict[str, Any]:
+    """dist_checkpointing.load of `request`, tolerating ONLY `_extra_state` entries the checkpoint lacks.
+
+    Transformer Engine modules carry `_extra_state` (FP8 metadata); when TE imports, Megatron builds even
+    the final norm as TE's for every spec. A checkpoint written without TE (every CPU training run and
+    `convert hf-to-mcore`) has none of them: those requests are dropped (TE re-initializes them, as for a
+    fresh model). Every other missing tensor still fails in dist_checkpointing, naming the key. The
+    opposite direction (a TE checkpoint loaded without TE) has unexpected `_extra_state` entries, which
+    dist_checkpointing ignores. Collective.
+    """
+    from megatron.core import dist_checkpointing
+
+    stored = _stored_keys(path)
+    dropped = _drop_entries(request, lambda sh: not sh.key.endswith(EXTRA_STATE_SUFFIX) or sh.key in stored)
+    if dropped:
+        logging.getLogger(__name__).info("%s has no TE extra state for %s (written without Transformer "
+                                         "Engine); those modules keep their fresh state", path, sorted(set(dropped)))
+    return dist_checkpointing.load(request, str(path))
+
+
+def _stored_keys(path: str | os.PathLike) -> set[str]:
+    """Keys of every sharded entry (tensors and objects: `_extra_state` is an object) of a checkpoint."""
+    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+
+    return {sh.key for sh in load_sharded_metadata(str(path)).values()}
+
+
+def load_module_state(module: torch.nn.Module, state: dict[str, Any], where: str = "checkpoint") -> None:
+    """module.load_state_dict(state) that accepts missing `_extra_state` keys only (asserted)."""
+    result = module.load_state_dict(state, strict=False)
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        raise CheckpointError(f"{where}: the model's weights do not match the checkpoint: missing {missing}, "
+                              f"unexpected {list(result.unexpected_keys)} (only TE's _extra_state may be missing)")

@@ -233,6 +233,16 @@ def te_alias(mcore_name: str) -> str | None:
     return None
 
 
+def te_to_local_name(name: str) -> str:
+    """The local-spec name of a parameter named either way (TE's ...linear_qkv.layer_norm_weight ->
+    ...input_layernorm.weight, ...linear_fc1.layer_norm_weight -> ...pre_mlp_layernorm.weight; other
+    names unchanged): one function for anything that keys weights by name across both specs."""
+    for local_suffix, te_suffix in TE_NORM_ALIASES.items():
+        if name.endswith("." + te_suffix):
+            return name[: -len(te_suffix)] + local_suffix
+    return name
+
+
 _L = "decoder.layers.{layer}."
 _H = "model.layers.{layer}."
 

@@ -6,7 +6,7 @@ import dataclasses
 import re
 import string
 
-from megatron_solopo.data.scoring import DEFAULT_ANSWER_REGEX
+from megatron_solopo.data.scoring import DEFAULT_ANSWER_REGEX, DEFAULT_MAX_ANSWER_WORDS
 
 __all__ = ["DataConfig", "SOURCES", "EVIDENCE_POSITIONS", "SAMPLING_BACKENDS", "PAIR_STRATEGIES",
            "CORRECT_METRICS", "ON_TOO_LONG", "SAMPLE_ON", "DEFAULT_DOC_TEMPLATE", "DEFAULT_PROMPT_TEMPLATE",
@@ -108,6 +108,10 @@ class DataConfig:
     chain-of-thought ending in "Answer: ..." (parsed by answer_regex)."""
     system_prompt: str | None = None
     """System message for sampling and tokenization (null: none)."""
+    num_prompt_examples: int = 1
+    """Worked examples (data.contexts.WORKED_EXAMPLES, rendered with the templates above) shown as earlier
+    user/assistant turns before every prompt, in sampling, training and eval alike: 0 (none), 1 or 2.
+    Small models follow the "Answer: ..." format far more often with one (docs/data.md)."""
 
     # ----------------------------------------------------------------------------- sampling
     sampling_backend: str = "auto"
@@ -137,6 +141,9 @@ class DataConfig:
     # ----------------------------------------------------------------------------- scoring and pairs
     answer_regex: str = DEFAULT_ANSWER_REGEX
     """Regex (case-insensitive) whose last match's group 1 is a response's final answer."""
+    max_answer_words: int | None = DEFAULT_MAX_ANSWER_WORDS
+    """A final answer of more words than this counts as wrong (a copied passage, not an answer), so a
+    response that pastes an evidence sentence after "Answer:" is never chosen; null: no limit."""
     correct_metric: str = "sub_em"
     """When a response counts as correct: sub_em (paper; a gold answer or alias inside the final
     answer) | em (exact match after normalization)."""
@@ -226,6 +233,13 @@ class DataConfig:
             raise ValueError("data.num_responses must be >= 2: a pair needs a correct and an incorrect response")
         if self.max_items is not None and self.max_items < 1:
             raise ValueError("data.max_items must be >= 1 or null (all items)")
+        if self.max_answer_words is not None and self.max_answer_words < 1:
+            raise ValueError("data.max_answer_words must be >= 1 or null (no limit)")
+        from megatron_solopo.data.contexts import WORKED_EXAMPLES  # contexts imports this module
+
+        if not 0 <= self.num_prompt_examples <= len(WORKED_EXAMPLES):
+            raise ValueError(f"data.num_prompt_examples must be in [0, {len(WORKED_EXAMPLES)}], got "
+                             f"{self.num_prompt_examples}")
         if self.synthetic_num_distractors < 0:
             raise ValueError("data.synthetic_num_distractors must be >= 0")
         if not self.long_target_tokens or any(t < 1 for t in self.long_target_tokens):

@@ -22,7 +22,8 @@ from megatron_solopo.data.config import DEFAULT_DOC_TEMPLATE, DEFAULT_PROMPT_TEM
 from megatron_solopo.data.records import Document, QAItem
 
 __all__ = ["ContextTemplates", "TokenCounter", "LongContext", "ContextSkip", "render_documents", "render_prompt",
-           "build_short_context", "build_long_context", "long_context_at_depth"]
+           "build_short_context", "build_long_context", "long_context_at_depth", "WorkedExample", "WORKED_EXAMPLES",
+           "prompt_examples", "config_prompt_examples"]
 
 # below this many tokens a cut distractor would be a title with a few words: not worth adding
 _MIN_FILLER_TOKENS = 8
@@ -85,6 +86,50 @@ def render_documents(docs: Sequence[Document], templates: ContextTemplates) -> s
 def render_prompt(question: str, docs: Sequence[Document], templates: ContextTemplates) -> str:
     """The user prompt: documents (numbered 1..n in this order) and the question in the prompt template."""
     return templates.prompt.format(documents=render_documents(docs, templates), question=question)
+
+
+@dataclasses.dataclass(frozen=True)
+class WorkedExample:
+    """A solved question shown to the model before the real one (a few-shot turn pair)."""
+
+    documents: tuple[Document, ...]
+    question: str
+    response: str
+    """The assistant's answer: short reasoning, then the "Answer: ..." line the scorer parses."""
+
+
+# Fictional entities (no overlap with the synthetic generator's namespaces or any eval set): one 2-hop
+# and one 1-hop question, answered the way pairs are scored (reasoning, then "Answer: <short answer>").
+WORKED_EXAMPLES = (
+    WorkedExample(
+        documents=(Document("Velmora", "Velmora is a country on the northern coast. The capital of Velmora is "
+                                       "Dashkent. Its winters are long and dry."),
+                   Document("Quorra River", "The Quorra River flows through the east of Velmora. Fishing "
+                                            "villages line its banks."),
+                   Document("Dashkent", "Dashkent is a city known for its glass markets. The mayor of Dashkent "
+                                        "is Orin Talvek.")),
+        question="Who is the mayor of the capital of Velmora?",
+        response="The capital of Velmora is Dashkent. The mayor of Dashkent is Orin Talvek.\nAnswer: Orin Talvek"),
+    WorkedExample(
+        documents=(Document("Tessaly Brandt", "Tessaly Brandt is a painter. Tessaly Brandt was born in Ombrisk."),
+                   Document("Ombrisk", "Ombrisk is a mountain town with a famous clock tower.")),
+        question="Where was Tessaly Brandt born?",
+        response="The document about Tessaly Brandt says she was born in Ombrisk.\nAnswer: Ombrisk"),
+)
+
+
+def prompt_examples(num_examples: int, templates: ContextTemplates) -> tuple[tuple[str, str], ...]:
+    """The first `num_examples` worked examples as (user prompt, assistant response) turns, rendered
+    with the same templates as the real prompts (so the model sees the format it must follow)."""
+    if not 0 <= num_examples <= len(WORKED_EXAMPLES):
+        raise ValueError(f"num_examples={num_examples} must be in [0, {len(WORKED_EXAMPLES)}]")
+    return tuple((render_prompt(ex.question, ex.documents, templates), ex.response)
+                 for ex in WORKED_EXAMPLES[:num_examples])
+
+
+def config_prompt_examples(config: Any) -> tuple[tuple[str, str], ...]:
+    """The worked-example turns a data section asks for (`num_prompt_examples`, its templates)."""
+    return prompt_examples(config.num_prompt_examples, ContextTemplates.from_config(config))
 
 
 def build_short_context(item: QAItem, counter: TokenCounter, max_tokens: int, rng: random.Random,

@@ -17,8 +17,15 @@ from collections.abc import Sequence
 from typing import Any
 
 from megatron_solopo.data.config import DataConfig
-from megatron_solopo.data.contexts import (ContextSkip, ContextTemplates, LongContext, TokenCounter,
-                                           build_long_context, build_short_context)
+from megatron_solopo.data.contexts import (
+    ContextSkip,
+    ContextTemplates,
+    LongContext,
+    TokenCounter,
+    build_long_context,
+    build_short_context,
+    config_prompt_examples,
+)
 from megatron_solopo.data.pairs import PairChoice, select_pair
 from megatron_solopo.data.records import Document, QAItem, write_jsonl
 from megatron_solopo.data.sampling import ResponseBackend, SamplingRequest, SamplingSettings, sample_responses
@@ -113,7 +120,7 @@ def build_data(config: DataConfig, tokenizer: Any, backend: ResponseBackend, mod
     t_contexts = time.perf_counter()
     settings = SamplingSettings(config.num_responses, config.sampling_temperature, config.sampling_top_p,
                                 config.max_new_tokens, config.seed, config.system_prompt, config.use_chat_template,
-                                model_id)
+                                model_id, config_prompt_examples(config))
     requests = [SamplingRequest(c.item.id, c.short_context if config.sample_on == "short" else c.long.text, c.item)
                 for c in contexts]
     responses = sample_responses(requests, backend, settings, output_dir / "samples.jsonl", progress=progress)
@@ -121,7 +128,8 @@ def build_data(config: DataConfig, tokenizer: Any, backend: ResponseBackend, mod
     records, pass_rates, drops = [], [], collections.Counter()
     for ctx in contexts:
         choice = select_pair(responses[ctx.item.id], ctx.item.answers, _rng(config, ctx.item.id, "pair"),
-                             config.pair_strategy, config.correct_metric, config.answer_regex)
+                             config.pair_strategy, config.correct_metric, config.answer_regex,
+                             config.max_answer_words)
         pass_rates.append(choice.pass_rate)
         if isinstance(choice, PairChoice):
             records.append(_pair_record(ctx, choice, config, model_id))

@@ -49,6 +49,8 @@ class SamplingSettings:
     use_chat_template: bool
     model_id: str
     """What sampled (model directory or backend name), recorded and hashed."""
+    examples: tuple[tuple[str, str], ...] = ()
+    """Worked-example turns before each prompt (data.contexts.config_prompt_examples)."""
 
     def key(self, prompt: str) -> str:
         blob = json.dumps([dataclasses.asdict(self), prompt], sort_keys=True, ensure_ascii=False)
@@ -101,11 +103,12 @@ class HFBackend:
                  tokenizer: Any = None) -> None:
         import inspect
 
-        import torch
         import transformers
 
         if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+            from megatron_solopo.parallel.device import cuda_in_use
+
+            device = "cuda" if cuda_in_use() else "cpu"
         self.device = device
         self.batch_size = batch_size
         self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_dir)
@@ -163,7 +166,8 @@ class HFBackend:
     def generate(self, requests: Sequence[SamplingRequest], settings: SamplingSettings, seed: int) -> list[list[str]]:
         import torch
 
-        prompts = [prompt_token_ids(self.tokenizer, r.prompt, settings.system_prompt, settings.use_chat_template)
+        prompts = [prompt_token_ids(self.tokenizer, r.prompt, settings.system_prompt, settings.use_chat_template,
+                                    settings.examples)
                    for r in requests]
         generator = torch.Generator(device=self.device)
         generator.manual_seed(seed)
@@ -226,7 +230,8 @@ class VLLMBackend:
         params = self._vllm.SamplingParams(n=settings.num_responses, temperature=settings.temperature,
                                            top_p=settings.top_p, max_tokens=settings.max_new_tokens, seed=seed)
         prompts = [{"prompt_token_ids": prompt_token_ids(self.tokenizer, r.prompt, settings.system_prompt,
-                                                         settings.use_chat_template)} for r in requests]
+                                                         settings.use_chat_template, settings.examples)}
+                   for r in requests]
         outputs = self.llm.generate(prompts, params, use_tqdm=False)
         return [[o.text.strip() for o in out.outputs] for out in outputs]
 

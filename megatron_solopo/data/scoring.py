@@ -16,6 +16,7 @@ from collections.abc import Sequence
 
 __all__ = [
     "DEFAULT_ANSWER_REGEX",
+    "DEFAULT_MAX_ANSWER_WORDS",
     "normalize_answer",
     "extract_final_answer",
     "exact_match",
@@ -24,10 +25,13 @@ __all__ = [
     "ResponseScore",
     "score_response",
     "is_no_answer",
+    "is_overlong",
 ]
 
 DEFAULT_ANSWER_REGEX = r"answer\s*(?:is)?\s*[:：]\s*(.+)"
 """Matches ``Answer: X`` (case-insensitive); the last match in a response is its final answer."""
+DEFAULT_MAX_ANSWER_WORDS = 12
+"""Final answers longer than this are copied passages, not answers (gold answers are entities/short phrases)."""
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—"}
@@ -112,12 +116,23 @@ class ResponseScore:
     f1: float
     no_answer: bool
     """The response declined to answer or gave no parseable final answer."""
+    overlong: bool = False
+    """The final answer has more than max_answer_words words: scored 0 (a copied passage, not an answer)."""
 
 
-def score_response(response: str, golds: Sequence[str], answer_regex: str = DEFAULT_ANSWER_REGEX) -> ResponseScore:
-    """Extracts the final answer and scores it; a response with no final answer scores 0."""
+def is_overlong(final_answer: str, max_answer_words: int | None) -> bool:
+    """True when `final_answer` has more whitespace-separated words than `max_answer_words` (None: never)."""
+    return max_answer_words is not None and len(final_answer.split()) > max_answer_words
+
+
+def score_response(response: str, golds: Sequence[str], answer_regex: str = DEFAULT_ANSWER_REGEX,
+                   max_answer_words: int | None = None) -> ResponseScore:
+    """Extracts the final answer and scores it; a response with no final answer, or with a final answer
+    longer than `max_answer_words` words (None: no limit), scores 0."""
     final = extract_final_answer(response, answer_regex)
     if final is None:
         return ResponseScore(None, 0.0, 0.0, 0.0, True)
+    if is_overlong(final, max_answer_words):
+        return ResponseScore(final, 0.0, 0.0, 0.0, False, overlong=True)
     return ResponseScore(final, sub_exact_match(final, golds), exact_match(final, golds),
                          token_f1(final, golds), is_no_answer(final))

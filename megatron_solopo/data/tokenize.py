@@ -42,6 +42,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 from megatron_solopo.data.config import DataConfig
+from megatron_solopo.data.contexts import config_prompt_examples
 from megatron_solopo.data.records import read_pair_records, validate_pair_record
 
 __all__ = ["ROLES", "CACHE_FORMAT_VERSION", "load_tokenizer", "prompt_token_ids", "tokenize_pair",
@@ -74,24 +75,29 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
                             "SentencePiece .model file")
 
 
-def prompt_token_ids(tokenizer: Any, prompt: str, system_prompt: str | None, use_chat_template: bool) -> list[int]:
+def prompt_token_ids(tokenizer: Any, prompt: str, system_prompt: str | None, use_chat_template: bool,
+                     examples: Sequence[tuple[str, str]] = ()) -> list[int]:
     """Token ids of the prompt as the model sees it right before its response.
 
-    With the chat template: [system] + user turn + assistant generation prompt. Without: the plain
-    prompt text with the tokenizer's own special tokens (e.g. BOS).
+    With the chat template: [system] + one user/assistant turn pair per worked example + the user turn
+    + the assistant generation prompt. Without: the system prompt, the examples as "prompt\nresponse"
+    blocks and the prompt, as plain text with the tokenizer's own special tokens (e.g. BOS).
+    `examples`: (user prompt, assistant response) pairs (`data.contexts.config_prompt_examples`).
     """
     if use_chat_template:
         if not getattr(tokenizer, "chat_template", None):
             raise ValueError(f"tokenizer {getattr(tokenizer, 'name_or_path', '')!r} has no chat template; give a "
                              "tokenizer with one, or set data.use_chat_template=false for plain-text prompts")
-        messages = ([{"role": "system", "content": system_prompt}] if system_prompt else []) + [
-            {"role": "user", "content": prompt}]
+        messages = [{"role": "system", "content": system_prompt}] if system_prompt else []
+        for user, assistant in examples:
+            messages += [{"role": "user", "content": user}, {"role": "assistant", "content": assistant}]
+        messages.append({"role": "user", "content": prompt})
         text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
         # the rendered template already holds its special tokens (BOS included when it wants one)
         return list(tokenizer(text, add_special_tokens=False)["input_ids"])
-    if system_prompt:
-        prompt = f"{system_prompt}\n\n{prompt}"
-    return list(tokenizer(prompt, add_special_tokens=True)["input_ids"])
+    blocks = ([system_prompt] if system_prompt else []) + [f"{user}\n{assistant}" for user, assistant in examples]
+    text = "\n\n".join([*blocks, prompt])
+    return list(tokenizer(text, add_special_tokens=True)["input_ids"])
 
 
 def _response_ids(tokenizer: Any, response: str) -> list[int]:
@@ -120,8 +126,9 @@ def tokenize_pair(record: Mapping[str, Any], tokenizer: Any, config: DataConfig,
 
     Raises SequenceTooLong naming the id, role and lengths when a sequence exceeds `max_seq_len`.
     """
+    examples = config_prompt_examples(config)
     prompts = {ctx: prompt_token_ids(tokenizer, record[f"{ctx}_context"], config.system_prompt,
-                                     config.use_chat_template) for ctx in ("short", "long")}
+                                     config.use_chat_template, examples) for ctx in ("short", "long")}
     responses = {kind: _response_ids(tokenizer, record[kind]) for kind in ("chosen", "rejected")}
     sample: dict[str, Any] = {"id": record["id"]}
     for role in ROLES:
@@ -182,6 +189,7 @@ def _records_fingerprint(path: pathlib.Path | None, records: Sequence[Mapping[st
 def _cache_key(tokenizer: Any, config: DataConfig, max_seq_len: int | None, records_hash: str) -> str:
     settings = {"version": CACHE_FORMAT_VERSION, "use_chat_template": config.use_chat_template,
                 "system_prompt": config.system_prompt, "max_seq_len": max_seq_len,
+                "prompt_examples": config_prompt_examples(config),
                 "on_too_long": config.on_too_long}
     h = hashlib.sha256()
     for part in (tokenizer_fingerprint(tokenizer), json.dumps(settings, sort_keys=True), records_hash):

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from megatron_solopo.config import ExperimentConfig
+    from megatron_solopo.data.config import DataConfig
 
 __all__ = ["ModelSource", "compare_reports", "evaluate"]
 
@@ -180,10 +181,11 @@ def _eos_ids(tokenizer: Any) -> list[int]:
     return [int(i) for i in ids]
 
 
-def _prompt_config(data: Any) -> dict[str, Any]:
+def _prompt_config(data: DataConfig) -> dict[str, Any]:
     return {"doc_template": data.doc_template, "doc_separator": data.doc_separator,
             "prompt_template": data.prompt_template, "system_prompt": data.system_prompt,
-            "use_chat_template": data.use_chat_template, "answer_regex": data.answer_regex}
+            "use_chat_template": data.use_chat_template, "num_prompt_examples": data.num_prompt_examples,
+            "answer_regex": data.answer_regex, "max_answer_words": data.max_answer_words}
 
 
 # ------------------------------------------------------------------------------------------ evaluate
@@ -195,7 +197,7 @@ def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = Tru
     """
     from megatron_solopo.checkpoint.fingerprint import directory_fingerprint
     from megatron_solopo.config import to_dict
-    from megatron_solopo.data.contexts import ContextTemplates
+    from megatron_solopo.data.contexts import ContextTemplates, config_prompt_examples
     from megatron_solopo.data.tokenize import load_tokenizer, prompt_token_ids, tokenizer_fingerprint
     from megatron_solopo.eval.metrics import score_prediction
     from megatron_solopo.eval.report import build_report, write_report
@@ -213,7 +215,8 @@ def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = Tru
         if not built.items:
             raise ValueError(f"no eval items could be built (skipped: {built.skipped}); lower eval.context_lengths "
                              "or check eval.jsonl_paths")
-        prompts = [prompt_token_ids(tokenizer, item.prompt, data.system_prompt, data.use_chat_template)
+        examples = config_prompt_examples(data)
+        prompts = [prompt_token_ids(tokenizer, item.prompt, data.system_prompt, data.use_chat_template, examples)
                    for item in built.items]
         seconds_build = time.perf_counter() - started
         generator, device, dtype = _build_generator(config, source, hf_dir, tokenizer)
@@ -223,7 +226,8 @@ def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = Tru
     records = []
     for item, prompt_ids, output in zip(built.items, prompts, outputs):
         prediction = tokenizer.decode(output, skip_special_tokens=True)
-        scores = score_prediction(prediction, item.answers, ev.answer_extraction, data.answer_regex)
+        scores = score_prediction(prediction, item.answers, ev.answer_extraction, data.answer_regex,
+                                  data.max_answer_words)
         records.append({"suite": item.suite, "item_id": item.item_id, "source_id": item.source_id,
                         "question": item.question, "answers": item.answers, "context_length": item.context_length,
                         "depth": item.depth, "prompt_tokens": item.prompt_tokens, "input_tokens": len(prompt_ids),

@@ -42,9 +42,12 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def resolve_device(device: str) -> torch.device:
-    """'auto' -> cuda when available, else cpu; an explicit CUDA device without CUDA is an error."""
+    """'auto' -> cuda when in use (visible and not SOLOPO_DEVICE=cpu: parallel.device), else cpu; an
+    explicit CUDA device without CUDA is an error."""
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        from megatron_solopo.parallel.device import cuda_in_use
+
+        return torch.device("cuda" if cuda_in_use() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError(f"eval.device={device} but CUDA is not available on this machine; use auto or cpu")
     return torch.device(device)

@@ -11,22 +11,26 @@ import collections
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from megatron_solopo.data.scoring import exact_match, extract_final_answer, sub_exact_match, token_f1
+from megatron_solopo.data.scoring import exact_match, extract_final_answer, is_overlong, sub_exact_match, token_f1
 
 __all__ = ["METRICS", "score_prediction", "aggregate", "aggregate_by", "cell_table"]
 
 METRICS = ("sub_em", "em", "f1")
 
 
-def score_prediction(prediction: str, answers: Sequence[str], extraction: str, answer_regex: str) -> dict[str, Any]:
+def score_prediction(prediction: str, answers: Sequence[str], extraction: str, answer_regex: str,
+                     max_answer_words: int | None = None) -> dict[str, Any]:
     """Scores one generated answer.
 
     extraction "final_answer": the text after the last `answer_regex` match is scored (a response
-    without one scores 0 on every metric, as in pair building); "whole_response": the whole text.
+    without one, or whose final answer has more than `max_answer_words` words, scores 0 on every
+    metric, as in pair building); "whole_response": the whole text (no length limit).
     Returns {"final_answer", "sub_em", "em", "f1"} with the scores as floats.
     """
     if extraction == "final_answer":
         final = extract_final_answer(prediction, answer_regex)
+        if final is not None and is_overlong(final, max_answer_words):
+            return {"final_answer": final, "sub_em": 0.0, "em": 0.0, "f1": 0.0}
     elif extraction == "whole_response":
         final = prediction.strip()
     else:

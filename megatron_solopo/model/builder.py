@@ -12,11 +12,12 @@ import logging
 import torch
 import torch.nn.functional as F
 
-from megatron_solopo.model.backends import resolve_attention_backend
+from megatron_solopo.model.backends import check_fp8_recipe, resolve_attention_backend
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset
 from megatron_solopo.parallel.config import ParallelConfig
 from megatron_solopo.parallel.context import ParallelContext, as_parallel_context
+from megatron_solopo.parallel.device import cuda_in_use
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -125,7 +126,8 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelContext | ParallelCon
     model = model or ModelConfig(preset=preset.name)
     parallel.check_model(preset.num_layers, preset.num_attention_heads, preset.num_query_groups,
                          preset.vocab_size)
-    backend = resolve_attention_backend(model.attention_backend)
+    backend = resolve_attention_backend(model.attention_backend, model.params_dtype)
+    check_fp8_recipe(model.fp8, model.fp8_recipe)  # e.g. mxfp8 on Hopper: refused before any GEMM asserts
     config = transformer_config(preset, parallel, model, backend, initialize_weights)
     _silence_gpt_deprecation()
     gpt = GPTModel(
@@ -145,7 +147,7 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelContext | ParallelCon
         vp_stage=vp_stage,
     )
     gpt.attention_backend_name = backend
-    if torch.cuda.is_available():  # weights are initialized on the CPU (use_cpu_initialization)
+    if cuda_in_use():  # weights are initialized on the CPU (use_cpu_initialization); SOLOPO_DEVICE=cpu keeps them there
         gpt.cuda(torch.cuda.current_device())
     return gpt
 

@@ -46,13 +46,15 @@ class ModelConfig:
     """Tokenizer directory; defaults to `hf_model`, or the tokenizer saved with `checkpoint`."""
     attention_backend: str = "auto"
     """auto (te on CUDA with Transformer Engine, else sdpa) | te | sdpa (torch SDPA + ring attention,
-    runs on CPU and GPU) | local (Megatron's unfused attention; a baseline, O(s^2) memory)."""
+    runs on CPU and GPU) | local (Megatron's unfused attention; a baseline, O(s^2) memory). On a GPU with
+    TE, auto with params_dtype fp32 is refused (TE has no fused fp32 attention): use bf16 there."""
     params_dtype: str = "fp32"
     """Weights/compute dtype: fp32 | bf16 | fp16. bf16 trains with fp32 master weights in the optimizer."""
     fp8: str | None = None
     """FP8 linear layers through Transformer Engine: hybrid | e4m3 | null. Needs attention_backend=te."""
     fp8_recipe: str = "delayed"
-    """TE FP8 scaling recipe: delayed | tensorwise | mxfp8 | blockwise."""
+    """TE FP8 scaling recipe: delayed | tensorwise | mxfp8 | blockwise. Sequences are padded to its token
+    multiple per rank (16, 16, 32, 128); mxfp8 needs Blackwell (refused on Hopper at model build)."""
     recompute: str = "none"
     """Activation recomputation: none | selective (core attention) | full (whole layers)."""
     recompute_num_layers: int = 1

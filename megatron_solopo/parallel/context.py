@@ -51,16 +51,18 @@ def fp8_seq_multiple(fp8: str | None, fp8_recipe: str = "delayed") -> int:
 def seq_len_divisor(config: ParallelConfig, multiple: int = 1) -> int:
     """Every sequence (packed) or row (padded) length must be a multiple of this under `config`.
 
-    lcm of: `multiple` (the caller's, e.g. `fp8_seq_multiple(...)`), 2*cp (zigzag CP chunks) when
-    cp > 1, and cp*tp under sequence parallelism (each CP shard is then split over the TP ranks).
+    `multiple` (e.g. `fp8_seq_multiple(...)`: Transformer Engine's FP8 GEMMs assert the token count of
+    their input) constrains what one rank's GEMMs see, the LOCAL shard: a sequence of T tokens puts T/cp
+    tokens on each CP rank, and T/(cp*tp) on each TP rank under sequence parallelism. So the divisor is
+    the lcm of: `multiple * cp` (`* tp` with sequence parallelism), 2*cp (zigzag CP chunks) when cp > 1,
+    and cp*tp under sequence parallelism (each CP shard is then split over the TP ranks).
     """
     if isinstance(multiple, bool) or not isinstance(multiple, int) or multiple < 1:
         raise ValueError(f"pad_to_multiple_of must be a positive integer, got {multiple!r}")
-    divisor = multiple
+    shard = config.cp * (config.tp if config.sequence_parallel else 1)  # ranks one sequence is split over
+    divisor = multiple * shard
     if config.cp > 1:
         divisor = math.lcm(divisor, 2 * config.cp)
-    if config.sequence_parallel:
-        divisor = math.lcm(divisor, config.cp * config.tp)
     return divisor
 
 

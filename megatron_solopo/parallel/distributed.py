@@ -13,6 +13,7 @@ import torch.distributed as dist
 
 from megatron_solopo.parallel.config import ParallelConfig
 from megatron_solopo.parallel.context import ParallelContext, _set_current
+from megatron_solopo.parallel.device import cuda_in_use
 from megatron_solopo.parallel.shim import install_cpu_shim
 
 
@@ -58,8 +59,8 @@ def read_launch_env(environ: dict[str, str] | None = None) -> LaunchEnv:
 
 
 def default_backend() -> str:
-    """nccl when CUDA is usable, gloo otherwise (the CPU path)."""
-    return "nccl" if torch.cuda.is_available() else "gloo"
+    """nccl when this process computes on CUDA (`cuda_in_use`: visible and not SOLOPO_DEVICE=cpu), else gloo."""
+    return "nccl" if cuda_in_use() else "gloo"
 
 
 def init_process_group(launch: LaunchEnv | None = None, backend: str | None = None,
@@ -78,6 +79,13 @@ def init_process_group(launch: LaunchEnv | None = None, backend: str | None = No
                             rank=launch.rank, world_size=launch.world_size,
                             timeout=datetime.timedelta(minutes=timeout_minutes))
     return launch
+
+
+def megatron_gloo_groups_wanted() -> bool:
+    """Whether Megatron creates (and its optimizer uses) its gloo side groups: only beside NCCL. With gloo
+    they would duplicate the main groups, and on the dry run's fake store (backend "fake", plan/) creating
+    them segfaults."""
+    return dist.get_backend() not in ("gloo", "fake")
 
 
 def initialize_parallel(parallel: ParallelConfig | None = None, seed: int = 1234,
@@ -102,13 +110,31 @@ def initialize_parallel(parallel: ParallelConfig | None = None, seed: int = 1234
         pipeline_model_parallel_size=parallel.pp,
         virtual_pipeline_model_parallel_size=parallel.virtual_pp,
         context_parallel_size=parallel.cp,
-        create_gloo_process_groups=dist.get_backend() != "gloo",
+        create_gloo_process_groups=megatron_gloo_groups_wanted(),
     )
     torch.manual_seed(seed)
     model_parallel_cuda_manual_seed(seed)
     context = ParallelContext.from_megatron(parallel)
     _set_current(context)
     return context
+
+
+def release_global_memory_buffer() -> int:
+    """Empties Megatron's global memory buffer (megatron.core.utils.GlobalMemoryBuffer); returns the bytes freed.
+
+    Megatron's local attention (and sequence-parallel all-gathers) keep scratch tensors there for the
+    life of the process, sized by the largest request so far: a benchmark variant run after another
+    would inherit them in its peak memory and its maximum length. The buffer object stays (Megatron
+    asserts it exists), only its tensors go; they are re-allocated on the next request.
+    """
+    from megatron.core import parallel_state
+
+    buffer = getattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", None)
+    if buffer is None or not getattr(buffer, "buffer", None):
+        return 0
+    freed = sum(t.numel() * t.element_size() for t in buffer.buffer.values() if t is not None)
+    buffer.buffer.clear()
+    return freed
 
 
 def destroy_parallel() -> None:

@@ -23,8 +23,10 @@ CUDA, `install_cpu_shim()` redirects exactly these to the CPU:
    asserts that string, its optimizers select fp32 params by it), and `Tensor.type('torch.cuda.X')`
    converts to the CPU type X.
 
-The same Megatron code paths that run on GPU therefore run in the CPU tests. When CUDA is available
-the shim does nothing at all. It is idempotent and process-wide (call it before building models).
+The same Megatron code paths that run on GPU therefore run in the CPU tests. When CUDA is in use
+(`parallel.device.cuda_in_use`: a GPU is visible and SOLOPO_DEVICE is not cpu) the shim does nothing
+at all; on a GPU host with the CPU requested it installs as without CUDA. It is idempotent and
+process-wide (call it before building models).
 """
 
 from __future__ import annotations
@@ -211,9 +213,12 @@ def shim_active() -> bool:
 
 
 def install_cpu_shim() -> bool:
-    """Installs the CPU redirections when CUDA is absent; returns whether the shim is active."""
+    """Installs the CPU redirections when this process computes on the CPU (no CUDA, or SOLOPO_DEVICE=cpu
+    on a GPU host: `megatron_solopo.parallel.device`); returns whether the shim is active."""
     global _installed
-    if torch.cuda.is_available():
+    from megatron_solopo.parallel.device import cuda_in_use
+
+    if cuda_in_use():
         return False
     with _lock:
         if _installed:

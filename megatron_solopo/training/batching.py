@@ -93,8 +93,9 @@ def sequence_roles(objective: ObjectiveConfig) -> tuple[str, ...]:
 def pad_multiple(parallel: ParallelContext | ParallelConfig, pad_to_multiple_of: int = 1) -> int:
     """Every sequence (packed) or row (padded) length is padded to a multiple of this.
 
-    lcm of: the caller's multiple (16/32 for FP8 GEMMs, `megatron_solopo.parallel.fp8_seq_multiple`),
-    2*cp (zigzag CP chunks) when cp > 1, and cp*tp under sequence parallelism
+    lcm of: the caller's multiple (16/32/128 for FP8 GEMMs, `megatron_solopo.parallel.fp8_seq_multiple`)
+    applied to the local shard (times cp, times tp with sequence parallelism), 2*cp (zigzag CP chunks)
+    when cp > 1, and cp*tp under sequence parallelism
     (`megatron_solopo.parallel.seq_len_divisor`, `ParallelContext.seq_len_divisor`).
     """
     config = parallel.config if isinstance(parallel, ParallelContext) else parallel

@@ -24,9 +24,12 @@ What one checkpoint holds:
   (an RNG state belongs to a rank; with another layout there is no meaningful mapping).
 
 Completion protocol: all ranks save into `.step_N.incomplete`; after dist_checkpointing's final
-barrier rank 0 writes `solopo_checkpoint.json` and renames the directory to `step_N`, then prunes
-to `keep_last`. `find_latest_checkpoint` only accepts `step_N` directories holding that file, so a
-run killed mid-save never resumes from a partial checkpoint. The directory must be on a file system
+barrier rank 0 writes `solopo_checkpoint.json`, then `manifest.json` (every file's name and size,
+checkpoint/format.py) and renames the directory to `step_N`, then prunes to `keep_last`. Loading
+verifies the manifest first; `resolve_resume("auto")` skips a damaged latest checkpoint with a
+warning naming it and resumes from the newest intact one. `find_latest_checkpoint` only accepts
+`step_N` directories holding the marker, so a run killed mid-save never resumes from a partial
+checkpoint. The directory must be on a file system
 shared by all ranks (as for any dist_checkpointing save).
 """
 
@@ -41,11 +44,13 @@ import pathlib
 import random
 import re
 import shutil
+import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.distributed.checkpoint.api import CheckpointException
 
 # the on-disk format (marker, file names) and the model's part of a checkpoint belong to checkpoint/
 from megatron_solopo.checkpoint.format import (  # noqa: F401 - CheckpointError, MARKER_FILE: part of this API
@@ -56,11 +61,14 @@ from megatron_solopo.checkpoint.format import (  # noqa: F401 - CheckpointError,
     TRAINED,
     CheckpointError,
     read_marker,
+    verify_manifest,
+    write_manifest,
     write_marker,
 )
-from megatron_solopo.checkpoint.weights import (  # noqa: F401 - load_model_weights: part of this API
+from megatron_solopo.checkpoint.weights import (
     SHARDED_STATE_METADATA,
-    load_model_weights,
+    load_module_state,
+    load_tolerating_extra_state,
     model_sharded_state_dict,
     model_state_keys,
     unwrap_model,
@@ -197,9 +205,123 @@ def _optimizer_sharded_state_dict(optimizer, model_sd: Mapping[str, Any], is_loa
     return optimizer.sharded_state_dict(model_sd, is_loading=is_loading, metadata=dict(SHARDED_STATE_METADATA))
 
 
+def _load_optimizer_state(optimizer, state: Any) -> None:
+    """`optimizer.load_state_dict(state)`, working around Megatron 0.19's DistributedOptimizer with torch
+    Adam (no TE/apex): its "fully_reshardable" loader copies every tensor state of a parameter, including
+    torch Adam's 0-dim "step", which that format does not store (KeyError: 'step'). Here the parameter
+    states are loaded by the same Megatron function with "step" set aside; the step itself is restored by
+    load_state_dict from the param groups, as Megatron does, then given to each parameter as its own tensor."""
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    subs = _sub_optimizers(optimizer)
+    if len(subs) == 1:
+        states = [state]
+    elif isinstance(state, Mapping):
+        states = [value for _, value in sorted(state.items())]
+    else:
+        states = list(state)
+    deferred = []
+    for opt, sub_state in zip(subs, states):
+        if (isinstance(opt, DistributedOptimizer) and isinstance(sub_state, dict)
+                and sub_state.get("param_state_sharding_type") == "fully_reshardable" and "param_state" in sub_state):
+            deferred.append((opt, sub_state.pop("param_state")))
+    optimizer.load_state_dict(state)
+    for opt, param_state in deferred:
+        steps = {param: values.pop("step") for param, values in opt.optimizer.state.items()
+                 if isinstance(values.get("step"), torch.Tensor)}
+        try:
+            opt.load_parameter_state_from_fully_reshardable(param_state)
+        finally:
+            # Megatron's load_state_dict gave every parameter the SAME step tensor; torch Adam increments
+            # each parameter's step in place, so a shared one would advance once per parameter per step
+            for param, step in steps.items():
+                opt.optimizer.state[param]["step"] = step.detach().clone()
+
+
+_SCHEDULE_GROUP_KEYS = ("max_lr", "min_lr", "start_wd", "end_wd")
+"""Per-group values Megatron uses to match saved and current param groups that are hyperparameters of
+the schedule, not the group's identity: they may change on resume."""
+
+
+_ADOPTED_GROUP_KEYS = (*_SCHEDULE_GROUP_KEYS, "lr", "weight_decay", "betas", "eps")
+"""Hyperparameters a resumed optimizer takes from this run; everything else of a saved group (the Adam
+"step" Megatron stores there for the distributed optimizer, ...) is the checkpoint's."""
+
+
+def _group_identity(group: Mapping[str, Any]) -> tuple:
+    """The structural part of Megatron's param-group identifier (wd_mult, lr_mult, expert/decoupled flags)."""
+    from megatron.core.optimizer.optimizer import param_group_identifier_keys
+
+    return tuple(group.get(key, group.get(f"pre_{key}")) for key in param_group_identifier_keys
+                 if key not in _SCHEDULE_GROUP_KEYS)
+
+
+def _saved_group_dicts(state: Any):
+    """Every saved param group (or DistributedOptimizer per-parameter group metadata) inside `state`."""
+    if isinstance(state, Mapping):
+        for key, value in state.items():
+            if key == "param_groups" and isinstance(value, list):
+                yield from (group for group in value if isinstance(group, dict))
+            elif key == "param_to_group_meta" and isinstance(value, Mapping):
+                yield from (meta for meta in value.values() if isinstance(meta, dict))
+            else:
+                yield from _saved_group_dicts(value)
+    elif isinstance(state, (list, tuple)):
+        for value in state:
+            yield from _saved_group_dicts(value)
+
+
+def adopt_current_hyperparameters(optimizer, loaded_state: Any) -> dict[str, tuple[Any, Any]]:
+    """Makes a loaded optimizer state carry this run's hyperparameters (lr, min_lr, weight decay, betas,
+    eps, ...) instead of the saved ones, in place; returns {key: (saved, current)} for those that differ.
+
+    Megatron matches saved and current param groups by a key that includes max_lr/min_lr/start_wd/end_wd,
+    so a resume with another lr fails ("Could not find parameter group with key ..."). Groups are matched
+    here by their structural identity only; the Adam moments and step count are kept.
+    """
+    current = [group for opt in _sub_optimizers(optimizer) for group in opt.optimizer.param_groups]
+    by_identity: dict[tuple, list[dict]] = {}
+    for group in current:
+        by_identity.setdefault(_group_identity(group), []).append(group)
+    changed: dict[str, tuple[Any, Any]] = {}
+    for saved in _saved_group_dicts(loaded_state):
+        candidates = by_identity.get(_group_identity(saved))
+        if not candidates:
+            continue  # a structurally different group: Megatron's own check reports it
+        for key in _ADOPTED_GROUP_KEYS:
+            if key not in candidates[0]:
+                continue
+            value = candidates[0][key]
+            if key in saved and saved[key] != value and key != "lr":  # lr is the schedule's, set on load
+                changed.setdefault(key, (saved[key], value))
+            saved[key] = value
+    return changed
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
+
+
+# ----------------------------------------------------------------------------- the writer's helper
+def _checkpoint_writer_dies_with_this_process() -> None:
+    """Makes the helper process dist_checkpointing's torch_dist writer starts (a multiprocessing Manager
+    holding its results queue, ~0.5 GiB, spawned once per process) end when this process ends, even by
+    SIGKILL: Megatron creates it lazily in `filesystem_async.get_write_results_queue`; here the same kind
+    of queue is created first, from a Manager whose process asks Linux for SIGTERM when its parent dies.
+    A normal exit (including SIGTERM through the loop's handler) shuts it down via multiprocessing's atexit."""
+    import multiprocessing
+    from multiprocessing.managers import SyncManager
+
+    from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+    from megatron_solopo.training.process_guard import die_with_parent
+
+    if getattr(filesystem_async, "_results_queue", None) is not None:
+        return
+    manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+    manager.start(initializer=die_with_parent)
+    filesystem_async._results_queue = manager.Queue()
 
 
 # -------------------------------------------------------------------------------------- saving
@@ -254,6 +376,7 @@ def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model_chun
         "num_model_chunks": len(model_chunks),
         "distributed_optimizer": None if optimizer is None else uses_distributed_optimizer(optimizer),
     }
+    _checkpoint_writer_dies_with_this_process()
     dist_checkpointing.save(sharded_sd, str(tmp))  # collective; ends with a barrier
 
     if rank == 0:
@@ -278,8 +401,10 @@ def _write_side_files(directory: pathlib.Path, step: int, config_yaml: str | Non
     fields = {"step": step, "layout": current_layout(), **dict(metadata or {}),
               "hf_assets_dir": ASSETS_DIR if assets.is_dir() else None,
               "saved_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")}
-    # the marker is what makes a checkpoint count as complete: written atomically, last
+    # the marker is what makes a checkpoint count as complete: written atomically; then the manifest of
+    # every file's size (what loading verifies), then the directory is renamed (published)
     write_marker(directory, TRAINED, fields)
+    write_manifest(directory)
 
 
 def _publish(tmp: pathlib.Path, final: pathlib.Path) -> None:
@@ -315,6 +440,10 @@ def load_common_state(path: str | os.PathLike) -> dict[str, Any]:
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
+# torch.distributed.checkpoint's CheckpointException derives from BaseException, not Exception
+_READ_ERRORS = (Exception, CheckpointException)
+
+
 def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], optimizer=None,
                     scheduler=None, load_rng: bool = True) -> TrainState:
     """Restores model chunks, optimizer, scheduler and (same layout only) RNG from `path` (collective).
@@ -322,10 +451,18 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
     Works with another TP/PP/DP layout than the one that saved: tensors are resharded. Returns the
     TrainState (step, sampler position, scheduler state, extra). Without `optimizer` only weights load.
     """
-    from megatron.core import dist_checkpointing
-
     path = pathlib.Path(path)
-    common = load_common_state(path)
+    problems = verify_manifest(path)
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}; resume from an earlier one "
+                              "(train.resume=<its directory>) or delete this one")
+    try:
+        common = load_common_state(path)
+    except CheckpointError:
+        raise
+    except _READ_ERRORS as err:  # torch.distributed.checkpoint raises anything on damaged files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is damaged: "
+                              "resume from an earlier one or delete it") from err
     train_state = common["train_state"]
     if train_state.get("format_version") != FORMAT_VERSION:
         raise CheckpointError(f"{path}: checkpoint format {train_state.get('format_version')} is not the "
@@ -346,22 +483,53 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
     elif load_rng and dist.get_rank() == 0:
         logger.info("checkpoint %s was saved with layout %s, this run is %s: weights and optimizer are resharded, "
                     "RNG states start fresh", path, train_state["layout"], current_layout())
-    loaded = dist_checkpointing.load(request, str(path))
+    try:
+        loaded = load_tolerating_extra_state(request, path)  # a checkpoint written without TE loads with TE
+    except _READ_ERRORS as err:  # a damaged file surfaces as any exception inside the reader
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it is damaged "
+                              "or does not fit this model: resume from an earlier one") from err
 
     for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
-        unwrap_model(chunk).load_state_dict(loaded[key])
+        load_module_state(unwrap_model(chunk), loaded[key], where=str(path))  # only _extra_state may be missing
     if optimizer is not None:
-        optimizer.load_state_dict(loaded["optimizer"])
+        changed = adopt_current_hyperparameters(optimizer, loaded["optimizer"])
+        if changed and dist.get_rank() == 0:
+            logger.info("optimizer hyperparameters differ from %s's, using this run's: %s", path,
+                        ", ".join(f"{key} {old} -> {new}" for key, (old, new) in sorted(changed.items())))
+        _load_optimizer_state(optimizer, loaded["optimizer"])
     if scheduler is not None and train_state["scheduler"] is not None:
-        scheduler.load_state_dict(train_state["scheduler"])
+        scheduler.load_state_dict(train_state["scheduler"])  # step count only: see optim.build_scheduler
     if restore_rng:
         restore_rng_state(loaded["rng_state"])
     return TrainState(step=train_state["step"], sampler=train_state["sampler"], scheduler=train_state["scheduler"],
                       extra=train_state.get("extra", {}))
 
 
+def latest_intact_checkpoint(output_dir: str | os.PathLike) -> pathlib.Path | None:
+    """The newest complete checkpoint whose files match its manifest. Damaged newer ones are skipped with a
+    warning naming them; CheckpointError naming them when every checkpoint is damaged; None when there is none."""
+    found = list_checkpoints(output_dir)
+    damaged = []
+    for _, path in reversed(found):
+        problems = verify_manifest(path)
+        if not problems:
+            for bad, why in damaged:
+                message = (f"warning: checkpoint {bad} is damaged ({why}); resuming from the previous complete "
+                           f"one, {path}")
+                logger.warning(message)
+                if not dist.is_initialized() or dist.get_rank() == 0:
+                    print(message, file=sys.stderr)
+            return path
+        damaged.append((path, "; ".join(problems)))
+    if damaged:
+        raise CheckpointError("every checkpoint in " + str(checkpoints_root(output_dir)) + " is damaged: "
+                              + " | ".join(f"{bad}: {why}" for bad, why in damaged)
+                              + "; delete them (or use another train.output_dir) to start again")
+    return None
+
+
 def resolve_resume(resume: str, output_dir: str | os.PathLike) -> pathlib.Path | None:
-    """The checkpoint to resume from for train.resume = none | auto | a directory (None = start fresh).
+    """The checkpoint to resume from for train.resume = none | auto | force | a directory (None = start fresh).
 
     none refuses an output_dir that already holds checkpoints (it would mix two runs); auto picks the
     latest complete one; a path must be a complete checkpoint (or a run directory holding one).
@@ -372,12 +540,18 @@ def resolve_resume(resume: str, output_dir: str | os.PathLike) -> pathlib.Path |
             raise CheckpointError(f"train.resume=none but {output_dir} already holds checkpoint {existing.name}; "
                                   "use train.resume=auto to continue it, or another train.output_dir")
         return None
-    if resume == "auto":
-        return find_latest_checkpoint(output_dir)
+    if resume in ("auto", "force"):
+        return latest_intact_checkpoint(output_dir)
     path = pathlib.Path(resume)
     if is_complete_checkpoint(path):
+        problems = verify_manifest(path)
+        if problems:
+            earlier = [p for _, p in list_checkpoints(path.parent) if p.name < path.name and not verify_manifest(p)]
+            hint = f"the newest intact earlier one is {earlier[-1]}" if earlier else "no intact earlier one exists"
+            raise CheckpointError(f"train.resume={resume}: checkpoint {path} is damaged ({'; '.join(problems)}); "
+                                  f"{hint}")
         return path
-    latest = find_latest_checkpoint(path) if path.is_dir() else None
+    latest = latest_intact_checkpoint(path) if path.is_dir() else None
     if latest is None:
         raise CheckpointError(f"train.resume={resume!r} is neither a complete checkpoint (step_N with {MARKER_FILE}) "
                               "nor a directory holding one; give an existing checkpoint, auto or none")

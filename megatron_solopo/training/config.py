@@ -12,7 +12,7 @@ import importlib.util
 LR_DECAYS = ("cosine", "linear", "constant")
 REFERENCE_MODES = ("auto", "precomputed", "online", "none")
 LAYOUTS = ("auto", "packed", "padded")
-RESUME_KEYWORDS = ("none", "auto")
+RESUME_KEYWORDS = ("none", "auto", "force")
 
 
 def wandb_installed() -> bool:
@@ -80,7 +80,18 @@ class TrainConfig:
     """Complete checkpoints kept in output_dir/checkpoints (older ones are deleted); 0 keeps all."""
     resume: str = "auto"
     """none (start fresh; error if output_dir already holds checkpoints) | auto (continue from the
-    latest complete checkpoint in output_dir/checkpoints, else start fresh) | a checkpoint directory."""
+    latest complete checkpoint in output_dir/checkpoints, else start fresh) | force (as auto, but also
+    when that checkpoint was trained with another objective, data, model or global batch: auto refuses
+    such a resume, listing the differing keys, because it usually means a reused output_dir) | a
+    checkpoint directory (refused like auto when the config differs in those keys). Schedule settings
+    (lr, min_lr, warmup_steps, lr_decay, weight_decay, clip_grad, adam_*, steps, epochs) may change on
+    any resume; the run logs what changed."""
+    max_param_norm_growth: float = 2.0
+    """Divergence guard applied after every optimizer step, before any checkpoint is written: the step
+    fails (TrainingDiverged, nothing saved) when the global L2 norm of the parameters is not finite or
+    grew by more than this factor in that one step (an exploding update: a sane step changes it by well
+    under 1%). 0 disables the growth test (finiteness is always checked). Loss and gradients are checked
+    for NaN/Inf before the optimizer step in any case."""
     log_every: int = 1
     """Write metrics (console, metrics.jsonl, TensorBoard, W&B) every this many steps."""
     tensorboard: bool = False
@@ -102,6 +113,13 @@ class TrainConfig:
     max_steps_per_run: int | None = None
     """Stop this process after this many steps (saving a checkpoint), even if `steps` is not reached:
     for time-limited jobs that requeue themselves with resume=auto. None = run to the end."""
+
+    sigterm_grace_s: float = 30.0
+    """On SIGTERM (what SLURM and Kubernetes send before killing a job) the run saves a checkpoint at the
+    end of the current step and exits with status 75, like the stop file. If that has not happened this
+    many seconds after the signal, the process stops its child processes and exits without a new
+    checkpoint (status 143). Set it below the scheduler's kill delay (SLURM KillWait, Kubernetes
+    terminationGracePeriodSeconds; both 30 s by default): one step plus one save must fit in it."""
 
     def __post_init__(self) -> None:
         self._check_lengths()
@@ -139,6 +157,11 @@ class TrainConfig:
             raise ValueError(f"train.adam_eps must be > 0, got {self.adam_eps}")
         if self.weight_decay < 0:
             raise ValueError(f"train.weight_decay must be >= 0, got {self.weight_decay}")
+        if not (self.max_param_norm_growth == 0 or self.max_param_norm_growth > 1):
+            raise ValueError("train.max_param_norm_growth must be 0 (no growth test) or > 1, got "
+                             f"{self.max_param_norm_growth}")
+        if not self.sigterm_grace_s > 0:
+            raise ValueError(f"train.sigterm_grace_s must be > 0 seconds, got {self.sigterm_grace_s}")
         if self.clip_grad < 0:
             raise ValueError(f"train.clip_grad must be >= 0 (0 disables clipping), got {self.clip_grad}")
 
@@ -147,7 +170,7 @@ class TrainConfig:
             if getattr(self, name) not in allowed:
                 raise ValueError(f"train.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not self.resume:
-            raise ValueError("train.resume must be none, auto or a checkpoint directory (got an empty string)")
+            raise ValueError("train.resume must be none, auto, force or a checkpoint directory (got an empty string)")
         if self.reference_path is not None and self.reference in ("none", "online"):
             raise ValueError(f"train.reference_path is set but train.reference={self.reference!r} does not read "
                              "it; set reference=precomputed (or auto) or remove reference_path")
@@ -176,13 +199,13 @@ class TrainConfig:
 
     def total_steps(self, num_pairs: int) -> int:
         """Optimizer steps of the whole run for a dataset of `num_pairs` preference pairs."""
+        if num_pairs < self.global_batch_pairs:  # whether or not train.steps is set: no step could be filled
+            raise ValueError(f"the dataset has {num_pairs} preference pairs, fewer than train.global_batch_pairs "
+                             f"({self.global_batch_pairs}) that one optimizer step needs: lower "
+                             f"train.global_batch_pairs to at most {num_pairs} or add data")
         if self.steps is not None:
             return self.steps
-        steps_per_epoch = num_pairs // self.global_batch_pairs
-        if steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {num_pairs} preference pairs, fewer than train.global_batch_pairs "
-                             f"({self.global_batch_pairs}): lower the global batch or add data")
-        return (self.epochs or 1) * steps_per_epoch
+        return (self.epochs or 1) * (num_pairs // self.global_batch_pairs)
 
     def resolve_reference(self, objective_needs_reference: bool) -> str:
         """The effective reference mode for an objective; errors when the two disagree."""

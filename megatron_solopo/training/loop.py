@@ -6,10 +6,19 @@
     collate_microbatches -> train_step -> log -> checkpoint every save_every steps and at the end.
 
 A run stops early, with a complete checkpoint, after `train.max_steps_per_run` steps or when the
-file named by $SOLOPO_STOP_FILE appears (the SLURM scripts create it shortly before the time limit);
+file named by $SOLOPO_STOP_FILE appears (the SLURM scripts create it shortly before the time limit;
+it is removed once honoured) or the process gets SIGTERM (within train.sigterm_grace_s);
 its summary then says `finished=False` and `solopo train` exits with EXIT_RESUMABLE (75) so the job
 script can requeue it with train.resume=auto. A NaN/Inf loss or gradient stops the run with
-`TrainingDiverged` naming the step and the pairs, before the optimizer step and without saving.
+`TrainingDiverged` naming the step and the pairs, before the optimizer step and without saving; so does
+an update that makes the parameters non-finite or grows their norm by more than
+train.max_param_norm_growth in one step (checked before any save, so no checkpoint ever holds a
+diverged model). The error names the last good checkpoint and the command that continues it with a
+lower lr (schedule settings may change on resume).
+
+Before anything is written, rank 0 takes output_dir/.solopo_train.lock (a second run into the same
+directory refuses) and compares the checkpoint to resume with this run's config: another objective,
+data, model or global batch is refused unless train.resume=force.
 """
 
 from __future__ import annotations
@@ -19,7 +28,9 @@ import json
 import logging
 import os
 import pathlib
+import signal
 import sys
+import threading
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -30,7 +41,13 @@ from megatron_solopo.objectives import needs_reference
 from megatron_solopo.parallel.context import ParallelContext, fp8_seq_multiple
 from megatron_solopo.checkpoint import loader
 from megatron_solopo.training import runtime
-from megatron_solopo.training.checkpointing import TrainState, load_checkpoint, resolve_resume, save_checkpoint
+from megatron_solopo.training.checkpointing import (
+    CheckpointError,
+    TrainState,
+    load_checkpoint,
+    resolve_resume,
+    save_checkpoint,
+)
 from megatron_solopo.training.logging import METRICS_FILE, MetricsLogger, peak_memory_gib
 
 if TYPE_CHECKING:
@@ -60,7 +77,7 @@ class RunSummary:
     final_step: int
     """Last completed step (== total_steps when finished)."""
     stop_reason: str
-    """finished | max_steps_per_run | stop_file | already_finished."""
+    """finished | max_steps_per_run | stop_file | sigterm | already_finished."""
     last_metrics: dict[str, Any]
     """The last step's metrics (empty if no step ran)."""
     checkpoint: str | None
@@ -133,18 +150,19 @@ def _build_optimization(config: ExperimentConfig, chunks: list, total_steps: int
         use_distributed_optimizer=train.distributed_optimizer)
 
 
-def _setup(config: ExperimentConfig, parallel: ParallelContext) -> _Run:
+def _setup(config: ExperimentConfig, parallel: ParallelContext, resume_from: pathlib.Path | None) -> _Run:
     from megatron_solopo.data.sampler import DistributedPairSampler
     from megatron_solopo.training.batching import resolve_layout
 
     train = config.train
     dp_rank, dp_size = parallel.dp_rank, parallel.dp_size
-    train.num_microbatches(dp_size)  # fail before any loading when the batch does not split
-    resume_from = resolve_resume(train.resume, train.output_dir)
     preset = loader.resolve_preset(config.model)
     tokenizer = runtime.load_run_tokenizer(config.model, preset)
     dataset = runtime.load_dataset(config.data, tokenizer)
-    total_steps = train.total_steps(len(dataset))
+    try:
+        total_steps = train.total_steps(len(dataset))
+    except ValueError as err:
+        raise ValueError(f"{err} (data.pairs_path={config.data.pairs_path})") from None
     chunks = runtime.build_initial_model(config.model, config.parallel, preset, load_weights=resume_from is None)
     layout = resolve_layout(train.layout, runtime.attention_backend_of(chunks))
     table, scorer = _build_reference(config, dataset, preset, layout, tokenizer, parallel)
@@ -157,26 +175,152 @@ def _setup(config: ExperimentConfig, parallel: ParallelContext) -> _Run:
         state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
         sampler.load_state_dict(state.sampler)
         run.start_step, run.checkpoint = state.step, str(resume_from)
-        _warn_about_changed_config(state.extra.get("config"), config, resume_from)
     return run
 
 
-_RESUME_CHECKED_SECTIONS = ("model", "objective", "data")
+# ------------------------------------------------------------------------------------------ preflight
+_MATH_SECTIONS = ("model", "objective", "data")
+"""Config sections whose every key changes what is trained (except those in _NEUTRAL_KEYS)."""
+_MATH_TRAIN_KEYS = ("global_batch_pairs", "reference", "reference_path", "seed")
+_NEUTRAL_KEYS = {"model.attention_backend", "model.recompute", "model.recompute_num_layers", "model.logprob_head",
+                 "model.tokenizer", "data.cache_dir", "data.output_dir", "data.sampling_backend"}
+_SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "lr_decay", "weight_decay", "clip_grad", "adam_beta1",
+                  "adam_beta2", "adam_eps", "steps", "epochs", "max_param_norm_growth")
+"""train.* settings that may change on resume (logged): how the optimizer continues, not what it trains."""
+LOCK_FILE = ".solopo_train.lock"
+"""In output_dir while a run trains there: {"host", "pid"} of its rank 0 (a second run refuses to start)."""
 
 
-def _warn_about_changed_config(saved: dict | None, config: ExperimentConfig, path) -> None:
-    """Resuming with another model/objective/data is legal but usually a mistake (a reused output_dir)."""
+def _differences(saved: dict, current: dict, keys: list[str]) -> list[tuple[str, Any, Any]]:
+    out = []
+    for dotted in keys:
+        section, key = dotted.split(".", 1)
+        old, new = saved.get(section, {}).get(key), current.get(section, {}).get(key)
+        if old != new:
+            out.append((dotted, old, new))
+    return out
+
+
+def compare_with_checkpoint_config(saved: dict, current: dict) -> tuple[list[str], list[tuple[str, Any, Any]]]:
+    """(math keys that differ, [(schedule key, saved, current)]) between a checkpoint's config and this run's."""
+    math_keys = [f"{section}.{key}" for section in _MATH_SECTIONS
+                 for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))]
+    math_keys = [key for key in math_keys if key not in _NEUTRAL_KEYS] + [f"train.{k}" for k in _MATH_TRAIN_KEYS]
+    differing = [key for key, _, _ in _differences(saved, current, math_keys)]
+    schedule = _differences(saved, current, [f"train.{k}" for k in _SCHEDULE_KEYS])
+    return differing, schedule
+
+
+def _read_checkpoint_config(path: pathlib.Path) -> dict | None:
+    import yaml
+
+    from megatron_solopo.checkpoint.format import CONFIG_FILE
+
+    file = path / CONFIG_FILE
+    if not file.is_file():
+        return None
+    try:
+        data = yaml.safe_load(file.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError, OSError) as err:
+        raise CheckpointError(f"{file} cannot be read ({err}); the checkpoint {path} is damaged") from None
+    return data if isinstance(data, dict) else None
+
+
+def _check_resume_config(config: ExperimentConfig, resume_from: pathlib.Path) -> None:
+    """Refuses to continue a checkpoint trained with another objective/data/model/global batch unless
+    train.resume=force; prints what changed in the schedule (allowed)."""
     from megatron_solopo.config import to_dict
 
-    if saved is None or dist.get_rank() != 0:
+    saved = _read_checkpoint_config(resume_from)
+    if saved is None:
         return
-    current = to_dict(config)
-    changed = [f"{section}.{key}" for section in _RESUME_CHECKED_SECTIONS
-               for key in sorted(set(saved.get(section, {})) | set(current[section]))
-               if saved.get(section, {}).get(key) != current[section].get(key)]
-    if changed:
-        print(f"warning: resuming from {path}, which was trained with different {', '.join(changed)}; if this run "
-              "is not meant to continue that one, use another train.output_dir or train.resume=none", file=sys.stderr)
+    differing, schedule = compare_with_checkpoint_config(saved, to_dict(config))
+    if differing and config.train.resume != "force":
+        raise CheckpointError(
+            f"{resume_from} was trained with a different {', '.join(differing)} than this run; refusing to continue "
+            f"it (train.resume={config.train.resume}): use another train.output_dir for a new run, or "
+            "train.resume=force to continue that run with this config")
+    if differing:
+        print(f"warning: train.resume=force: continuing {resume_from} although {', '.join(differing)} differ",
+              file=sys.stderr)
+    if schedule:
+        print(f"resuming from {resume_from} with a changed schedule: "
+              + ", ".join(f"{key} {old} -> {new}" for key, old, new in schedule), file=sys.stderr)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def acquire_run_lock(output_dir: pathlib.Path) -> pathlib.Path:
+    """Creates output_dir/.solopo_train.lock for this process; CheckpointError when a live run holds it.
+
+    A lock left by a dead process on this host is taken over with a warning; a lock of another host is
+    never taken over (the message says how to remove it once that job is gone).
+    """
+    import socket
+
+    lock = output_dir / LOCK_FILE
+    me = {"host": socket.gethostname(), "pid": os.getpid()}
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            try:
+                owner = json.loads(lock.read_text(encoding="utf-8"))
+                host, pid = str(owner["host"]), int(owner["pid"])
+            except (OSError, ValueError, KeyError, TypeError):
+                host, pid = "?", -1
+            if host == me["host"] and (pid == me["pid"] or not _pid_alive(pid)):
+                if pid != me["pid"]:
+                    print(f"warning: taking over {lock}: its owner (pid {pid} on {host}) is no longer running",
+                          file=sys.stderr)
+                lock.unlink(missing_ok=True)
+                continue
+            raise CheckpointError(
+                f"{output_dir} is in use by another training run (pid {pid} on host {host}, lock file {lock}); "
+                "wait for it to finish or use another train.output_dir (delete the lock file only if that run "
+                "is gone)") from None
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(me, f)
+        return lock
+    raise CheckpointError(f"could not create the lock file {lock}; another run keeps recreating it")
+
+
+def _preflight(config: ExperimentConfig, parallel: ParallelContext) -> tuple[pathlib.Path | None, pathlib.Path | None]:
+    """(checkpoint to resume from, the lock file this process holds) -- decided on rank 0, shared by all.
+
+    Nothing in output_dir is written or deleted before these checks pass (except the lock).
+    """
+    train = config.train
+    decision: list[Any] = [None, None]
+    lock = None
+    if dist.get_rank() == 0:
+        try:
+            train.num_microbatches(parallel.dp_size)  # fail before any loading when the batch does not split
+            output_dir = pathlib.Path(train.output_dir)
+            output_dir.mkdir(parents=True, exist_ok=True)
+            lock = acquire_run_lock(output_dir)
+            resume_from = resolve_resume(train.resume, train.output_dir)
+            if resume_from is not None:
+                _check_resume_config(config, resume_from)
+            decision = [None if resume_from is None else str(resume_from), None]
+        except (CheckpointError, ValueError, OSError) as err:
+            if lock is not None:
+                lock.unlink(missing_ok=True)
+            decision = [None, f"{type(err).__name__}\0{err}"]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(decision, src=0)
+    if decision[1] is not None:
+        kind, message = decision[1].split("\0", 1)
+        raise (ValueError if kind == "ValueError" else CheckpointError)(message)
+    return (None if decision[0] is None else pathlib.Path(decision[0])), lock
 
 
 # ------------------------------------------------------------------------------------------ batches
@@ -220,14 +364,67 @@ def _step_metrics(result, seconds: float, epoch: int) -> dict[str, Any]:
             "update_skipped": 0.0 if result.update_successful else 1.0, "epoch": epoch}
 
 
-def _stop_requested_and_memory() -> tuple[bool, float]:
-    """(the stop file exists on any rank, peak memory over all ranks in GiB): one small all-reduce."""
+class _TermSignal:
+    """SIGTERM (what SLURM and Kubernetes send before a kill) asks the run to save at the next step boundary,
+    like the stop file. If the process has not finished `grace_s` seconds after the signal, it terminates
+    its own child processes (dist_checkpointing's multiprocessing manager) and exits with 128 + SIGTERM
+    without a new checkpoint, so nothing of it outlives the grace period. Installed only in the main thread."""
+
+    def __init__(self, grace_s: float):
+        self.grace_s, self.received, self._previous = grace_s, False, None
+
+    def __enter__(self) -> _TermSignal:
+        if threading.current_thread() is threading.main_thread():
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+    def _handle(self, signum, frame) -> None:
+        if self.received:
+            return
+        self.received = True
+        print(f"SIGTERM received: saving a checkpoint at the end of this step (train.sigterm_grace_s = "
+              f"{self.grace_s:g} s)", file=sys.stderr, flush=True)
+        timer = threading.Timer(self.grace_s, self._expire)
+        timer.daemon = True
+        timer.start()
+
+    @staticmethod
+    def _expire() -> None:
+        import multiprocessing
+
+        print("SIGTERM grace period (train.sigterm_grace_s) over before the checkpoint was saved; exiting without "
+              "one", file=sys.stderr, flush=True)
+        for child in multiprocessing.active_children():
+            child.terminate()
+        os._exit(128 + signal.SIGTERM)
+
+
+def _stop_requested_and_memory(term: _TermSignal | None = None) -> tuple[bool, bool, float]:
+    """(the stop file exists on any rank, SIGTERM reached any rank, peak memory over all ranks in GiB): one
+    small all-reduce."""
     stop_file = os.environ.get(STOP_FILE_ENV)
     requested = bool(stop_file) and os.path.exists(stop_file)
-    flags = torch.tensor([float(requested), peak_memory_gib()],
+    signalled = term is not None and term.received
+    flags = torch.tensor([float(requested), float(signalled), peak_memory_gib()],
                          device="cuda" if torch.cuda.is_available() else "cpu")
     dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-    return bool(flags[0].item()), float(flags[1].item())
+    return bool(flags[0].item()), bool(flags[1].item()), float(flags[2].item())
+
+
+def _remove_stop_file() -> None:
+    """The stop file has been honoured (checkpoint saved): remove it so the requeued job runs on."""
+    stop_file = os.environ.get(STOP_FILE_ENV)
+    if stop_file and dist.get_rank() == 0:
+        try:
+            os.remove(stop_file)
+        except FileNotFoundError:
+            pass
+        except OSError as err:
+            print(f"warning: could not remove the stop file {stop_file}: {err}", file=sys.stderr)
 
 
 def _save(run: _Run, step: int) -> str:
@@ -246,10 +443,45 @@ def _save(run: _Run, step: int) -> str:
     return str(path)
 
 
+def _recovery_hint(run: _Run) -> str:
+    """Where to go back to after a divergence: the last good checkpoint and the command continuing it."""
+    train = run.config.train
+    config_file = pathlib.Path(train.output_dir) / "config.yaml"
+    lower = f"{min(train.lr / 10, 1e-4):.3g}"  # a tenth of this run's lr, at most 1e-4
+    if run.checkpoint is None:
+        return (f"no checkpoint was saved yet; start again with a lower learning rate: solopo train --config "
+                f"{config_file} train.lr={lower}")
+    return (f"the last good checkpoint is {run.checkpoint}; continue from it with a lower learning rate: "
+            f"solopo train --config {config_file} train.resume={run.checkpoint} train.lr={lower}")
+
+
 def _diverged(err: Exception, run: _Run) -> TrainingDiverged:
-    where = f"the last complete checkpoint is {run.checkpoint}" if run.checkpoint else "no checkpoint was saved yet"
-    return TrainingDiverged(f"{err} Nothing was saved for this step; {where} (train.resume=auto continues from it; "
-                            "consider a lower train.lr or train.clip_grad).")
+    return TrainingDiverged(f"{err} Nothing was saved for this step; {_recovery_hint(run)}")
+
+
+def parameter_norm(chunks: list) -> float:
+    """Global L2 norm of the model's parameters (every rank's local shards; replicas counted once per rank,
+    which does not matter for the growth ratio the divergence guard uses). Collective."""
+    squares = torch.zeros((), dtype=torch.float64, device="cuda" if torch.cuda.is_available() else "cpu")
+    for chunk in chunks:
+        for param in chunk.parameters():
+            squares += param.detach().double().pow(2).sum().to(squares.device)
+    dist.all_reduce(squares)
+    return float(squares.sqrt().item())
+
+
+def _check_update(run: _Run, step: int, before: float, after: float, sample_ids: list[str]) -> None:
+    """TrainingDiverged when the step's update made the weights non-finite or exploded their norm."""
+    limit = run.config.train.max_param_norm_growth
+    finite = after == after and after not in (float("inf"), float("-inf"))
+    if finite and not (limit and before > 0 and after > limit * before):
+        return
+    what = ("made the parameters non-finite" if not finite else
+            f"grew the parameter L2 norm from {before:.4g} to {after:.4g} (more than train.max_param_norm_growth = "
+            f"{limit:g} times)")
+    raise TrainingDiverged(f"step {step}: the optimizer update {what}; samples of this step: {sample_ids}. The "
+                           f"model diverged (learning rate too high?). Nothing was saved for this step; "
+                           f"{_recovery_hint(run)}")
 
 
 def _progress_bar(run: _Run, enabled: bool):
@@ -260,25 +492,42 @@ def _progress_bar(run: _Run, enabled: bool):
 
 
 def _loop(run: _Run, metrics_logger: MetricsLogger, bar) -> tuple[int, str, dict]:
+    with _TermSignal(run.config.train.sigterm_grace_s) as term:
+        return _steps(run, metrics_logger, bar, term)
+
+
+def _steps(run: _Run, metrics_logger: MetricsLogger, bar, term: _TermSignal) -> tuple[int, str, dict]:
     from megatron_solopo.training.step import NonFiniteGradError, NonFiniteLossError, train_step
 
     train = run.config.train
     step, last, reason = run.start_step, {}, "finished"
     steps_this_run = 0
+    norm = parameter_norm(run.chunks)
     while step < run.total_steps:
         step += 1
         started = time.perf_counter()
-        microbatches = _microbatches(run, _step_samples(run))
+        samples = _step_samples(run)
+        microbatches = _microbatches(run, samples)
         try:
             result = train_step(run.chunks, run.optimizer, run.scheduler, microbatches, run.config.objective,
                                 run.parallel, step, head=run.config.model.logprob_head)
         except (NonFiniteLossError, NonFiniteGradError) as err:
             metrics_logger.log(step, {"error": str(err), "sample_ids": list(err.sample_ids)}, console=False)
             raise _diverged(err, run) from err
+        # the guard runs before any save: a checkpoint only ever holds the result of a sane step
+        new_norm = parameter_norm(run.chunks)
+        sample_ids = [str(sample.get("id", "?")) for sample in samples]
+        try:
+            _check_update(run, step, norm, new_norm, sample_ids)
+        except TrainingDiverged as err:
+            metrics_logger.log(step, {"error": str(err), "sample_ids": sample_ids, "param_norm": new_norm},
+                               console=False)
+            raise
+        norm = new_norm
         steps_this_run += 1
-        file_stop, peak_gib = _stop_requested_and_memory()
+        file_stop, signal_stop, peak_gib = _stop_requested_and_memory(term)
         budget_spent = train.max_steps_per_run is not None and steps_this_run >= train.max_steps_per_run
-        stop = (file_stop or budget_spent) and step < run.total_steps
+        stop = (file_stop or signal_stop or budget_spent) and step < run.total_steps
         last = {**_step_metrics(result, time.perf_counter() - started, run.sampler.epoch), "peak_mem_gib": peak_gib}
         if step % train.log_every == 0 or step == run.total_steps or stop:
             metrics_logger.log(step, last)
@@ -286,8 +535,10 @@ def _loop(run: _Run, metrics_logger: MetricsLogger, bar) -> tuple[int, str, dict
         bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
         if (train.save_every and step % train.save_every == 0) or step == run.total_steps or stop:
             run.checkpoint = _save(run, step)
+        if file_stop:
+            _remove_stop_file()
         if stop:
-            reason = "stop_file" if file_stop else "max_steps_per_run"
+            reason = "sigterm" if signal_stop else "stop_file" if file_stop else "max_steps_per_run"
             break
     return step, reason, last
 
@@ -328,10 +579,21 @@ def _train(config: ExperimentConfig, parallel: ParallelContext) -> RunSummary:
     started = time.perf_counter()
     rank0 = dist.get_rank() == 0
     output_dir = pathlib.Path(config.train.output_dir)
-    if rank0:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        save_config(config, output_dir / "config.yaml")
-    run = _setup(config, parallel)
+    resume_from, lock = _preflight(config, parallel)
+    try:
+        if rank0:
+            save_config(config, output_dir / "config.yaml")
+        return _train_locked(config, parallel, resume_from, started)
+    finally:
+        if lock is not None:
+            lock.unlink(missing_ok=True)
+
+
+def _train_locked(config: ExperimentConfig, parallel: ParallelContext, resume_from: pathlib.Path | None,
+                  started: float) -> RunSummary:
+    rank0 = dist.get_rank() == 0
+    output_dir = pathlib.Path(config.train.output_dir)
+    run = _setup(config, parallel, resume_from)
     metrics_logger = MetricsLogger(output_dir, enabled=rank0, total_steps=run.total_steps, start_step=run.start_step,
                                    tensorboard=config.train.tensorboard, wandb=config.train.wandb,
                                    wandb_project=config.train.wandb_project, run_config=_plain(config))

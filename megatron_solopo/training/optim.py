@@ -14,7 +14,7 @@ follow the model's own config (TransformerConfig.bf16 / fp16), so they cannot di
 
 from __future__ import annotations
 
-import torch.distributed as dist
+from megatron_solopo.parallel.distributed import megatron_gloo_groups_wanted
 
 __all__ = [
     "LR_DECAYS",
@@ -101,7 +101,7 @@ def build_optimizer(model_chunks: list, *, lr: float, min_lr: float = 0.0, weigh
                          f"wrap_ddp(use_distributed_optimizer={ddp_flag}); pass the same value to both")
     # Megatron's gloo side groups exist only when the main backend is NCCL (initialize_parallel)
     megatron_optimizer = get_megatron_optimizer(opt_config, model_chunks,
-                                                use_gloo_process_groups=dist.get_backend() != "gloo")
+                                                use_gloo_process_groups=megatron_gloo_groups_wanted())
     for chunk in model_chunks:
         chunk_config = _model_config(chunk)
         chunk_config.finalize_model_grads_func = finalize_model_grads
@@ -117,6 +117,10 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, decay
     max_lr/min_lr, which override the scheduler's own values, so they are read from there: one source).
     Step k (0-based) trains with lr * k / warmup_steps during warmup (Megatron's convention: the first
     warmup step has lr 0). Call `scheduler.step(1)` after each successful optimizer step (train_step does).
+
+    Built with Megatron's `override_opt_param_scheduler=True`: when a checkpoint is loaded, only the
+    step count comes from it; lr, min_lr, warmup, decay steps and style and weight decay are this
+    run's (changing them on resume is how a diverged run is continued with a lower lr).
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
@@ -129,7 +133,7 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, decay
         optimizer, init_lr=0.0 if warmup_steps else config.lr, max_lr=config.lr, min_lr=config.min_lr,
         lr_warmup_steps=warmup_steps, lr_decay_steps=total_steps, lr_decay_style=decay,
         start_wd=config.weight_decay, end_wd=config.weight_decay, wd_incr_steps=total_steps,
-        wd_incr_style="constant")
+        wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 
 
 def build_training_objects(model_chunks: list, *, lr: float, total_steps: int, warmup_steps: int = 0,

@@ -157,7 +157,9 @@ class _StepState:
 
 
 def _device() -> torch.device:
-    return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    from megatron_solopo.parallel.device import compute_device
+
+    return compute_device()
 
 
 def _unwrap(chunk):

@@ -73,14 +73,9 @@ def test_sdpa_core_attention_bf16_cuda():
     _compare(out, ref.reshape(512, 1, -1), (q, k, v))
 
 
-def _te_to_local_name(name: str) -> str:
-    """TE fuses the norms into the following linear layers; the local spec keeps them apart."""
-    return (name.replace("self_attention.linear_qkv.layer_norm_weight", "input_layernorm.weight")
-            .replace("mlp.linear_fc1.layer_norm_weight", "pre_mlp_layernorm.weight"))
-
-
 def test_te_and_sdpa_paths_give_the_same_loss():
     from megatron_solopo.model import ModelConfig, get_preset
+    from megatron_solopo.convert.mappings import te_to_local_name
     from megatron_solopo.model.backends import te_importable
     from megatron_solopo.model.builder import build_gpt_model
     from megatron_solopo.parallel import ParallelConfig, initialize_parallel
@@ -97,7 +92,7 @@ def test_te_and_sdpa_paths_give_the_same_loss():
             local_weights = model.state_dict()
         else:
             te_state = model.state_dict()
-            mapped = {name: local_weights[_te_to_local_name(name)] for name in te_state
+            mapped = {name: local_weights[te_to_local_name(name)] for name in te_state
                       if not name.endswith("_extra_state")}
             missing = model.load_state_dict(mapped, strict=False).missing_keys
             assert all(name.endswith("_extra_state") for name in missing), missing

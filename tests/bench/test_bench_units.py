@@ -322,3 +322,41 @@ def test_config_rejects_unknown_preset_and_low_search_limit():
     with pytest.raises(ValueError, match="search-limit"):
         _cfg(search_limit=64)
     _cfg(search_limit=64, search=False)  # no search: no limit to check
+
+
+def test_oom_detection_ignores_case_and_catches_te_messages():
+    import torch
+
+    from megatron_solopo.bench import measure
+
+    assert measure._is_oom(RuntimeError("/te/common/util.cpp:42 in function f: CUDA Error: out of memory"))
+    assert measure._is_oom(RuntimeError("CUDA OUT OF MEMORY. Tried to allocate 2 GiB"))
+    assert measure._is_oom(RuntimeError("cuDNN error: CUDNN_STATUS_ALLOC_FAILED"))
+    assert not measure._is_oom(RuntimeError("CUDA error: an illegal memory access was encountered"))
+    assert measure._is_oom(torch.OutOfMemoryError("x"))
+
+
+def test_closing_a_runner_releases_megatrons_global_memory_buffer(monkeypatch):
+    import types
+
+    import torch
+    from megatron.core import parallel_state
+    from megatron.core.utils import GlobalMemoryBuffer
+
+    from megatron_solopo.bench.stack import StackRunner
+    from megatron_solopo.parallel.distributed import release_global_memory_buffer
+
+    buffer = GlobalMemoryBuffer()
+    buffer.buffer[("mpu", torch.float32)] = torch.zeros(32)  # what a variant's attention left behind
+    monkeypatch.setattr(parallel_state, "_GLOBAL_MEMORY_BUFFER", buffer)
+    assert release_global_memory_buffer() == 32 * 4 and not buffer.buffer
+    buffer.buffer["x"] = torch.zeros(8)
+    runner = StackRunner.__new__(StackRunner)
+    chunk = types.SimpleNamespace(zero_grad_buffer=lambda: None)
+    runner.state = types.SimpleNamespace(chunks=[chunk], optimizer=types.SimpleNamespace(zero_grad=lambda: None))
+    runner.cfg = types.SimpleNamespace(device="cpu")
+    runner.recover()
+    assert not buffer.buffer
+    buffer.buffer["x"] = torch.zeros(8)
+    runner.close()
+    assert not buffer.buffer and runner.state is None

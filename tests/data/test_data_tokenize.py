@@ -7,6 +7,7 @@ import pytest
 from tiny_models import build_tiny_tokenizer
 
 from megatron_solopo.data.config import DataConfig
+from megatron_solopo.data.contexts import config_prompt_examples
 from megatron_solopo.data.tokenize import ROLES, load_tokenized_pairs, prompt_token_ids, tokenize_pair
 
 RECORDS = [
@@ -32,9 +33,14 @@ def test_sample_format_masks_and_eos(tiny_tokenizer, tmp_path):
         ctx, kind = role.split("_")
         ids, mask = sample[f"{role}_input_ids"], sample[f"{role}_loss_mask"]
         assert len(ids) == len(mask) and set(mask) == {0, 1}
-        # the prompt is exactly the chat template's rendering of the user turn + generation prompt
-        rendered = tiny_tokenizer.apply_chat_template([{"role": "user", "content": RECORDS[0][f"{ctx}_context"]}],
-                                                      tokenize=False, add_generation_prompt=True)
+        # the prompt is exactly the chat template's rendering of the worked-example turns, the user turn and
+        # the generation prompt
+        examples = [{"role": role, "content": text} for pair in config_prompt_examples(config)
+                    for role, text in zip(("user", "assistant"), pair)]
+        assert len(examples) == 2 * config.num_prompt_examples == 2
+        rendered = tiny_tokenizer.apply_chat_template(
+            examples + [{"role": "user", "content": RECORDS[0][f"{ctx}_context"]}], tokenize=False,
+            add_generation_prompt=True)
         prompt = tiny_tokenizer(rendered, add_special_tokens=False)["input_ids"]
         assert ids[:len(prompt)] == prompt and mask[:len(prompt)] == [0] * len(prompt)
         # the masked tokens are the response followed by EOS, and nothing else

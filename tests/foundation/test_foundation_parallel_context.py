@@ -45,13 +45,13 @@ def test_stage_helpers_follow_megatron_ignore_virtual_semantics():
 def test_seq_len_divisor_combines_cp_sp_and_fp8():
     assert ParallelContext.for_rank().seq_len_divisor() == 1
     assert ParallelContext.for_rank(ParallelConfig(cp=2)).seq_len_divisor() == 4
-    assert ParallelContext.for_rank(ParallelConfig(cp=2)).seq_len_divisor(fp8="hybrid") == 16
+    assert ParallelContext.for_rank(ParallelConfig(cp=2)).seq_len_divisor(fp8="hybrid") == 32
     assert ParallelContext.for_rank(ParallelConfig(cp=3)).seq_len_divisor(fp8="e4m3") == 48
     assert ParallelContext.for_rank(ParallelConfig(cp=3)).seq_len_divisor(fp8="e4m3", fp8_recipe="mxfp8") == 96
     assert ParallelContext.for_rank(ParallelConfig(tp=2, sequence_parallel=True)).seq_len_divisor() == 2
     assert ParallelContext.for_rank(ParallelConfig(tp=4, cp=2, sequence_parallel=True)).seq_len_divisor(multiple=3) == 24
     assert fp8_seq_multiple(None) == 1 and fp8_seq_multiple("hybrid", "blockwise") == 128
-    assert seq_len_divisor(ParallelConfig(cp=2), 16) == 16
+    assert seq_len_divisor(ParallelConfig(cp=2), 16) == 32
     with pytest.raises(ValueError, match="fp8_recipe"):
         fp8_seq_multiple("hybrid", "nope")
     with pytest.raises(ValueError, match="positive integer"):

@@ -13,6 +13,8 @@ import zlib
 
 import torch
 
+from megatron_solopo.convert.mappings import te_to_local_name
+
 ROLES = ("short_chosen", "short_rejected", "long_chosen", "long_rejected")
 
 
@@ -81,13 +83,21 @@ def _local_slice(name: str, full: torch.Tensor, param) -> torch.Tensor:
     return full.chunk(tp, dim=dim)[rank]
 
 
+def is_norm_weight(name: str) -> bool:
+    """A norm's scale (drawn around 1), under local-spec or TE names (layer_norm_weight inside linears)."""
+    name = te_to_local_name(name)
+    return "layernorm" in name or "final_norm" in name
+
+
 def set_weights_by_name(model_chunks, seed: int = 0, std: float = 0.05) -> None:
-    """Deterministic weights from (seed, global name): the same model on every TP/PP/CP/DP layout."""
+    """Deterministic weights from (seed, global name): the same model on every TP/PP/CP/DP layout and
+    on both layer specs (TE's fused-norm names are keyed by their local-spec names)."""
     for chunk in model_chunks:
         for name, param in global_param_names(chunk).items():
-            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            key = te_to_local_name(name)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(key.encode()))
             full = torch.randn(_full_shape(param), generator=gen, dtype=torch.float32)
-            full = 1.0 + 0.1 * full if "layernorm" in name or "final_norm" in name else std * full
+            full = 1.0 + 0.1 * full if is_norm_weight(key) else std * full
             with torch.no_grad():
                 param.copy_(_local_slice(name, full, param).to(param.dtype))
 

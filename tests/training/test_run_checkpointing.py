@@ -205,7 +205,8 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
     good = root / "step_000003"
     good.mkdir(parents=True)
     (good / "metadata.json").write_text("{}")
-    (good / ckpt.MARKER_FILE).write_text(json.dumps({"step": 3}))
+    (good / ".metadata").write_bytes(b"index")  # resume verifies a checkpoint without manifest by these two
+    ckpt.write_marker(good, ckpt.TRAINED, {"step": 3})
     # a save killed before the rename, a step_N without the marker, one without dist metadata
     (root / ".step_000009.incomplete").mkdir()
     (root / ".step_000009.incomplete" / "metadata.json").write_text("{}")

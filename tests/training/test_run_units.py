@@ -68,9 +68,11 @@ def test_train_config_defaults_and_batch_split():
     with pytest.raises(ValueError, match=r"\(8\) is not divisible .* \(1\) x data-parallel size \(3\)"):
         config.num_microbatches(dp_size=3)
     assert TrainConfig(epochs=2, global_batch_pairs=4).total_steps(num_pairs=10) == 4  # 2 x (10 // 4)
-    assert TrainConfig(steps=7).total_steps(num_pairs=3) == 7
-    with pytest.raises(ValueError, match="fewer than train.global_batch_pairs"):
+    assert TrainConfig(steps=7, global_batch_pairs=2).total_steps(num_pairs=3) == 7
+    with pytest.raises(ValueError, match=r"has 10 preference pairs, fewer than train.global_batch_pairs \(16\)"):
         TrainConfig(global_batch_pairs=16).total_steps(num_pairs=10)
+    with pytest.raises(ValueError, match="at most 3"):  # train.steps does not make a too-small dataset work
+        TrainConfig(steps=7).total_steps(num_pairs=3)
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -87,6 +89,8 @@ def test_train_config_defaults_and_batch_split():
     ({"micro_batch_pairs": 0}, "micro_batch_pairs must be a positive integer"),
     ({"reference": "online", "reference_path": "x.pt"}, "does not read it"),
     ({"resume": ""}, "train.resume"),
+    ({"max_param_norm_growth": 0.5}, "train.max_param_norm_growth"),
+    ({"sigterm_grace_s": 0}, "train.sigterm_grace_s"),
 ])
 def test_train_config_rejects_bad_values(kwargs, message):
     with pytest.raises(ValueError, match=message):

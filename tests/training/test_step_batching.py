@@ -64,10 +64,10 @@ def test_padded_layout_by_hand():
 def test_pad_multiple_combines_cp_sp_and_fp8():
     assert pad_multiple(ParallelConfig()) == 1
     assert pad_multiple(ParallelConfig(cp=2)) == 4
-    assert pad_multiple(ParallelConfig(cp=2), 16) == 16
+    assert pad_multiple(ParallelConfig(cp=2), 16) == 32  # FP8's 16 holds on the local shard T/cp
     assert pad_multiple(ParallelConfig(cp=3), 16) == 48
     assert pad_multiple(ParallelConfig(tp=2, sequence_parallel=True)) == 2
-    assert pad_multiple(ParallelConfig(tp=4, cp=2, sequence_parallel=True), 16) == 16
+    assert pad_multiple(ParallelConfig(tp=4, cp=2, sequence_parallel=True), 16) == 128  # T/(cp*tp) % 16
     with pytest.raises(ValueError, match="positive integer"):
         pad_multiple(ParallelConfig(), 0)
 

@@ -141,8 +141,10 @@ def _sequence_parallel_head():
         torch.manual_seed(0)
         layer = ColumnParallelLinear(16, 64, config=cfg, init_method=torch.nn.init.normal_, bias=False,
                                      gather_output=False)
+        # the same pack with and without SP: the caller's multiple applies to the local shard, which SP
+        # splits over the 2 TP ranks, so 1 with SP pads like 2 without (asserted below)
         mb = collate_scoring_microbatches(make_samples(3, seed=9), roles, parallel, "packed", 3,
-                                 pad_to_multiple_of=2)[0]  # the same pack with and without SP
+                                          pad_to_multiple_of=1 if sp else 2)[0]
         seq_len = mb.tokens.size(1)
         hidden_full = torch.randn(seq_len, 1, 16, generator=torch.Generator().manual_seed(1))  # [s, b, h]
         tp_rank = parallel_state.get_tensor_model_parallel_rank()
@@ -159,7 +161,7 @@ def _sequence_parallel_head():
             pieces = [torch.empty_like(grad) for _ in range(2)]
             torch.distributed.all_gather(pieces, grad, group=parallel_state.get_tensor_model_parallel_group())
             grad = torch.cat(pieces)
-        out[sp] = {"sums": sums.detach(), "grad": grad, "n_seq": len(roles) * 3}
+        out[sp] = {"sums": sums.detach(), "grad": grad, "n_seq": len(roles) * 3, "tokens": mb.tokens.clone()}
     return out
 
 
@@ -248,6 +250,7 @@ def test_solo_dpo_at_policy_equals_reference_is_ln2(group_results):
 def test_sequence_parallel_head_matches_tensor_parallel_head(group_results):
     for rank_result in group_results:
         plain, sp = rank_result["sp_head"][False], rank_result["sp_head"][True]
+        assert torch.equal(plain["tokens"], sp["tokens"])  # one pack, two heads
         assert plain["sums"].shape == (plain["n_seq"],)
         torch.testing.assert_close(sp["sums"], plain["sums"], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(sp["grad"], plain["grad"], rtol=1e-5, atol=1e-6)
