@@ -47,7 +47,10 @@ def plan_stages(run_dir: pathlib.Path, config: pathlib.Path, model_dir: pathlib.
     common = [f"model.hf_model={model_dir / 'hf'}", f"data.output_dir={run_dir / 'data'}",
               f"data.cache_dir={run_dir / 'data' / 'cache'}", f"train.output_dir={run_dir / 'train'}",
               *_device_overrides(), *overrides]
-    trained_checkpoint = lambda: latest_checkpoint(run_dir / "train", "solopo demo")  # noqa: E731 - known after training
+
+    def trained_checkpoint() -> str:  # known only after training
+        return latest_checkpoint(run_dir / "train", "solopo demo")
+
     base_eval, trained_eval = run_dir / "eval" / "base", run_dir / "eval" / "trained"
     return [
         Stage("data", "build SoLoPO pairs with the default model",

@@ -46,7 +46,8 @@ from megatron_solopo.data.contexts import config_prompt_examples
 from megatron_solopo.data.records import read_pair_records, validate_pair_record
 
 __all__ = ["ROLES", "CACHE_FORMAT_VERSION", "load_tokenizer", "prompt_token_ids", "tokenize_pair",
-           "load_tokenized_pairs", "tokenizer_fingerprint", "resolve_max_seq_len", "tokenized_features"]
+           "sample_from_token_ids", "load_tokenized_pairs", "tokenizer_fingerprint", "resolve_max_seq_len",
+           "tokenized_features"]
 
 logger = logging.getLogger(__name__)
 
@@ -118,6 +119,20 @@ def resolve_max_seq_len(tokenizer: Any, config: DataConfig) -> int | None:
 
 class SequenceTooLong(ValueError):
     """A tokenized sequence exceeds the maximum length."""
+
+
+def sample_from_token_ids(sample_id: str, x_short: Sequence[int], x_long: Sequence[int], y_chosen: Sequence[int],
+                          y_rejected: Sequence[int]) -> dict[str, Any]:
+    """One tokenized sample (the format above) from prompt and response token ids: each role's input is
+    its prompt then its response, and only the response is in the loss mask. For synthetic batches
+    (tests, benchmarks, the memory dry run) that skip text and tokenizers."""
+    sample: dict[str, Any] = {"id": sample_id}
+    pieces = {"short_chosen": (x_short, y_chosen), "short_rejected": (x_short, y_rejected),
+              "long_chosen": (x_long, y_chosen), "long_rejected": (x_long, y_rejected)}
+    for role, (prompt, response) in pieces.items():
+        sample[f"{role}_input_ids"] = [*prompt, *response]
+        sample[f"{role}_loss_mask"] = [0] * len(prompt) + [1] * len(response)
+    return sample
 
 
 def tokenize_pair(record: Mapping[str, Any], tokenizer: Any, config: DataConfig,

@@ -200,7 +200,8 @@ def markdown(results: Mapping[str, Any], ablations: Mapping[str, str] | None = N
         train_text = ("- | - | - | -" if cost is None else
                       f"{cost['pairs']} | {cost['seconds_per_pair_median']:.2f} | {cost['peak_mem_gib']:.2f} | "
                       f"{cost['tokens_per_pair']:.0f}")
-        lines.append(f"| {arm} | {train_text} | {thr['prompt_tokens_per_s']:.0f} | {thr['generated_tokens_per_s']:.1f} |")
+        lines.append(f"| {arm} | {train_text} | {thr['prompt_tokens_per_s']:.0f} | "
+                     f"{thr['generated_tokens_per_s']:.1f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -227,7 +228,8 @@ def plot_accuracy_vs_length(results: Mapping[str, Any], path: str | pathlib.Path
             cis = [row["arms"].get(arm) for row in rows]
             xs = [x * (1 + 0.02 * (offset - len(results["arms"]) / 2)) for x, ci in zip(lengths, cis) if ci]
             ys = [100 * ci["mean"] for ci in cis if ci]
-            err = [[100 * (ci["mean"] - ci["lo"]) for ci in cis if ci], [100 * (ci["hi"] - ci["mean"]) for ci in cis if ci]]
+            err = [[100 * (ci["mean"] - ci["lo"]) for ci in cis if ci],  # [2, n]: below, above the mean
+                   [100 * (ci["hi"] - ci["mean"]) for ci in cis if ci]]
             ax.errorbar(xs, ys, yerr=err, marker="o", capsize=3, label=arm)
         ax.set_xscale("log", base=2)
         ax.set_xlabel("context length (tokens)")

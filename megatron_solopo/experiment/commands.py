@@ -152,7 +152,8 @@ def _header(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shared: 
         summary = _load_json(run_dir / "data" / pair_set / "summary.json") or {}
         counts = summary.get("counts", {})
         data_lines.append(f"x_{pair_set} pairs: {counts.get('pairs_written', '?')} from "
-                          f"{counts.get('sampled_questions', '?')} questions x {summary.get('responses_per_question', '?')} "
+                          f"{counts.get('sampled_questions', '?')} questions x "
+                          f"{summary.get('responses_per_question', '?')} "
                           f"responses ({summary.get('sampling_model', '?')}), sampling {summary.get('timing', {}).get('sampling_s', '?')} s")
     ev, train, data = shared["eval"], shared["train"], shared["data"]
     return "\n".join([

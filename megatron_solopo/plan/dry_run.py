@@ -125,17 +125,11 @@ def synthetic_samples(spec: PlanSpec, vocab_size: int) -> list[dict]:
     def tokens(n: int) -> list[int]:
         return torch.randint(1, vocab_size, (n,), generator=generator).tolist()
 
-    samples = []
-    for index in range(spec.num_microbatches * spec.micro_batch_pairs):
-        x_short, x_long = tokens(spec.short_tokens), tokens(spec.long_tokens)
-        y_w, y_l = tokens(spec.response_tokens), tokens(spec.response_tokens)
-        sample = {"id": f"plan{index}"}
-        for role, (prompt, answer) in {"short_chosen": (x_short, y_w), "short_rejected": (x_short, y_l),
-                                       "long_chosen": (x_long, y_w), "long_rejected": (x_long, y_l)}.items():
-            sample[f"{role}_input_ids"] = prompt + answer
-            sample[f"{role}_loss_mask"] = [0] * len(prompt) + [1] * len(answer)
-        samples.append(sample)
-    return samples
+    from megatron_solopo.data.tokenize import sample_from_token_ids
+
+    return [sample_from_token_ids(f"plan{index}", tokens(spec.short_tokens), tokens(spec.long_tokens),
+                                  tokens(spec.response_tokens), tokens(spec.response_tokens))
+            for index in range(spec.num_microbatches * spec.micro_batch_pairs)]
 
 
 # ------------------------------------------------------------------------------ process group

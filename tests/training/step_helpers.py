@@ -14,6 +14,7 @@ import zlib
 import torch
 
 from megatron_solopo.convert.mappings import te_to_local_name
+from megatron_solopo.data.tokenize import sample_from_token_ids
 
 ROLES = ("short_chosen", "short_rejected", "long_chosen", "long_rejected")
 
@@ -24,16 +25,11 @@ def make_samples(num_pairs: int, seed: int = 0, vocab: int = 256, short=(6, 14),
     rng = random.Random(seed)
     samples = []
     for index in range(num_pairs):
-        sample = {"id": f"{prefix}{index}"}
         x_short = [rng.randrange(1, vocab) for _ in range(rng.randint(*short))]
         x_long = [rng.randrange(1, vocab) for _ in range(rng.randint(*long))]
         y_w = [rng.randrange(1, vocab) for _ in range(rng.randint(*response))]
         y_l = [rng.randrange(1, vocab) for _ in range(rng.randint(*response))]
-        for role, (prompt, answer) in {"short_chosen": (x_short, y_w), "short_rejected": (x_short, y_l),
-                                       "long_chosen": (x_long, y_w), "long_rejected": (x_long, y_l)}.items():
-            sample[f"{role}_input_ids"] = prompt + answer
-            sample[f"{role}_loss_mask"] = [0] * len(prompt) + [1] * len(answer)
-        samples.append(sample)
+        samples.append(sample_from_token_ids(f"{prefix}{index}", x_short, x_long, y_w, y_l))
     return samples
 
 
