@@ -344,6 +344,19 @@ def test_fewer_pairs_than_one_global_batch_says_how_many(base):
 
 
 # ----------------------------------------------------------------------------- 7. SIGTERM and the stop file
+
+def _assert_process_group_gone(pgid: int, seconds: float, message: str) -> None:
+    """Waits up to `seconds` for every process of session/process group `pgid` to exit."""
+    gone_by = time.monotonic() + seconds
+    while True:
+        try:
+            os.killpg(pgid, 0)
+        except ProcessLookupError:
+            return
+        assert time.monotonic() < gone_by, message
+        time.sleep(0.2)
+
+
 def test_sigterm_saves_at_the_step_boundary_leaves_no_process_and_resumes(base):
     root, cache, _ = base
     out = root / "sigterm"
@@ -360,14 +373,7 @@ def test_sigterm_saves_at_the_step_boundary_leaves_no_process_and_resumes(base):
     assert process.returncode == 75, stderr[-3000:]
     assert "SIGTERM received" in stderr and "Traceback" not in stderr
     # nothing of the run (dist_checkpointing's manager process included) is alive 10 s later
-    gone_by = time.monotonic() + 10
-    while True:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.monotonic() < gone_by, "a process of the SIGTERM-ed run is still alive"
-        time.sleep(0.2)
+    _assert_process_group_gone(process.pid, 10.0, "a process of the SIGTERM-ed run is still alive")
     summary = json.loads((out / "run_summary.json").read_text())
     assert summary["stop_reason"] == "sigterm"
     saved = summary["final_step"]
@@ -401,11 +407,4 @@ def test_sigkill_leaves_no_checkpoint_writer_behind(base):
         time.sleep(0.2)
     os.kill(process.pid, signal.SIGKILL)
     process.wait(timeout=60)
-    gone_by = time.monotonic() + 10
-    while True:
-        try:
-            os.killpg(process.pid, 0)
-        except ProcessLookupError:
-            break
-        assert time.monotonic() < gone_by, "dist_checkpointing's helper outlived the SIGKILL-ed trainer"
-        time.sleep(0.2)
+    _assert_process_group_gone(process.pid, 10.0, "dist_checkpointing's helper outlived the SIGKILL-ed trainer")
