@@ -27,6 +27,7 @@ import collections
 import dataclasses
 import hashlib
 import math
+import pathlib
 import random
 from collections.abc import Iterable, Sequence
 from typing import Any
@@ -217,7 +218,8 @@ def _jsonl_items(config: EvalConfig, counter: TokenCounter, templates: ContextTe
             yield _as_given_item(path, item, config, counter, templates)
             continue
         for length in config.context_lengths:
-            layout_seed = suite_seed(config.seed, f"jsonl/{path}/{item.id}/{length}")
+            # seeded by the file's name, not its path: the same file gives the same prompts wherever it lives
+            layout_seed = suite_seed(config.seed, f"jsonl/{pathlib.Path(path).name}/{item.id}/{length}")
             for depth in config.depths:
                 if bar is not None:
                     bar.update(1)

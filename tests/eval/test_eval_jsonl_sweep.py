@@ -158,3 +158,14 @@ def test_example_config_sweeps_two_lengths_and_three_depths(tiny_tokenizer, monk
     assert len(config.context_lengths) == 2 and len(config.depths) == 3
     assert cells == {(length, depth) for length in config.context_lengths for depth in config.depths}
     assert len(built.items) == 4 * 2 * 3 + 1 and built.skipped == {"jsonl": {}}
+
+
+def test_the_same_file_elsewhere_gives_the_same_prompts(tiny_tokenizer, tmp_path):
+    """The layout seed must not depend on where the file lives (a fresh clone in another directory once
+    rendered other distractor orders than the developer's checkout)."""
+    moved = tmp_path / "elsewhere" / QA.name
+    moved.parent.mkdir()
+    moved.write_text(QA.read_text())
+    here = build_suites(_sweep_config(), tiny_tokenizer).items
+    there = build_suites(_sweep_config(jsonl_paths=[str(moved)]), tiny_tokenizer).items
+    assert [i.prompt for i in here] == [i.prompt for i in there] and here
