@@ -1,12 +1,21 @@
 """`solopo`: the command-line entry point. Each subcommand lives in its room's commands module as an
 object exposing `add_arguments(parser)` and `run(args) -> int`: the module itself, or a class of static
-methods named `module:Class` when one module serves several commands; this file only maps names to them."""
+methods named `module:Class` when one module serves several commands; this file only maps names to them,
+and turns user errors into one line and exit status 2 (console.py)."""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
+
+from megatron_solopo.config import OVERRIDE_PATTERN
+from megatron_solopo.console import USER_ERRORS, mute_dependency_warnings, report_error
+
+DESCRIPTION = ("SoLoPO: short-to-long preference optimization of LLMs for long contexts, on Megatron-Core. "
+               "Build preference data, train (SoLo-DPO/IPO/SimPO/ORPO and baselines), convert checkpoints, "
+               "evaluate long-context QA, benchmark and plan runs. `solopo COMMAND --help` for each command.")
 
 # name -> ("module" or "module:Class", one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
@@ -37,7 +46,7 @@ def _command(target: str):
 
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The parser; with `only`, just that subcommand's module is imported (fast --help, fast start)."""
-    parser = argparse.ArgumentParser(prog="solopo", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="solopo", description=DESCRIPTION)
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for name, (module_name, help_text) in COMMANDS.items():
         cmd = sub.add_parser(name, help=help_text, description=help_text)
@@ -50,14 +59,31 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    mute_dependency_warnings()
     command = next((a for a in argv if not a.startswith("-")), None)
     parser = build_parser(command if command in COMMANDS else None)
-    args = parser.parse_args(argv)
+    args = _parse(parser, argv)
     try:
         return int(args._run(args) or 0)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except USER_ERRORS as err:
+        if os.environ.get("SOLOPO_TRACEBACK") == "1":
+            raise
+        return report_error(args.command, err)
+
+
+def _parse(parser: argparse.ArgumentParser, argv: list[str]) -> argparse.Namespace:
+    """parse_args, except that `section.key=value` overrides may come anywhere after the subcommand
+    (argparse alone takes the positional list once: `--config X a.b=1 --flag c.d=2` lost `c.d=2`)."""
+    args, extras = parser.parse_known_args(argv)
+    stray = [a for a in extras if not OVERRIDE_PATTERN.match(a)]
+    if stray or (extras and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(stray or extras)}")
+    if extras:
+        args.overrides = [*args.overrides, *extras]
+    return args
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import pathlib
+import re
 import types
 import typing
 from collections.abc import Callable
@@ -114,6 +115,10 @@ def from_dict(cls: type, data: Mapping[str, Any], where: str = "") -> Any:
 def to_dict(config: Any) -> dict[str, Any]:
     """Plain-dict (YAML-ready) form of a config dataclass."""
     return dataclasses.asdict(config)
+
+
+# what a dotted override looks like on a command line: section.key[.key...]=value
+OVERRIDE_PATTERN = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -21,6 +21,7 @@ import importlib.resources
 import json
 import pathlib
 
+from megatron_solopo.console import UserError
 from megatron_solopo.experiment.stages import Stage, StageRunner, latest_checkpoint, solopo_argv
 
 DEMO_CONFIG = "demo.yaml"
@@ -81,7 +82,7 @@ def run(args: argparse.Namespace) -> int:
 
     run_dir = pathlib.Path(args.run_dir).resolve()
     if (run_dir / "train").exists():
-        raise SystemExit(f"solopo demo: {run_dir} holds an earlier demo run; remove it or pass --run-dir NEW_DIR")
+        raise UserError(f"{run_dir} holds an earlier demo run; remove it or pass --run-dir NEW_DIR")
     config = pathlib.Path(args.config) if args.config else demo_config_path()
     model_dir = pathlib.Path(args.model_dir) if args.model_dir else default_cache_dir()
     fetch = Stage("fetch", "fetch and convert the default model (cached after the first run)",

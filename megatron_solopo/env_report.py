@@ -34,14 +34,30 @@ def collect() -> dict:
         "vllm": backends.package_version("vllm"),
         "default_attention_backend": backends.resolve_attention_backend("auto"),
         "distributed_backend": "nccl" if cuda_in_use() else "gloo (CPU shim)",
-        "requested_device": requested_device(),
+        "requested_device": requested_device() or "auto (SOLOPO_DEVICE unset)",
     }
     if torch.cuda.is_available():
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
             info["gpus"].append(f"{i}: {props.name}, {props.total_memory / 2**30:.1f} GiB, "
                                 f"sm_{props.major}{props.minor}")
+    info["missing_optional"] = missing_optional(info)
     return info
+
+
+def missing_optional(info: dict) -> str:
+    """One line: which optional accelerations are absent and what falls back (solopo mutes the
+    import-time warnings Megatron-Core and torch print about them, console.DEPENDENCY_WARNINGS)."""
+    missing = []
+    if not info["transformer_engine_usable"]:
+        missing.append("Transformer Engine (attention falls back to PyTorch SDPA; no FP8)")
+    if not info["nvidia_apex"]:
+        missing.append("apex (Megatron uses torch optimizers and norms)")
+    if not info["flash_attn"]:
+        missing.append("flash-attn")
+    if not info["cuda_available"]:
+        missing.append("CUDA (CPU only)")
+    return "none" if not missing else "; ".join(missing) + " - SOLOPO_SHOW_WARNINGS=1 shows the import warnings"
 
 
 def measure_matmul_gflops(size: int = 2048, repeats: int = 5, device: str | None = None) -> dict:

@@ -26,6 +26,8 @@ def pytest_configure(config):
         os.environ["CUDA_VISIBLE_DEVICES"] = ""
     config.addinivalue_line("markers", "gpu: needs a CUDA GPU; run with --run-gpu (make test-gpu)")
     config.addinivalue_line("markers", "slow: longer CPU test, still part of `make test`")
+    config.addinivalue_line("markers", "slurm: starts a one-node SLURM cluster on localhost (root, slurmd/slurmctld/"
+                                       "munge installed); skipped with the reason where it cannot")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -13,7 +13,6 @@ shard of the HF files.
 from __future__ import annotations
 
 import argparse
-import sys
 
 DTYPES = ("fp32", "bf16", "fp16")
 
@@ -41,14 +40,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError, FileExistsError) as err:  # user errors: the message is the fix
-        print(f"solopo convert {args.direction}: error: {err}", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Runs one direction; user errors propagate to `solopo` (one line, exit status 2)."""
     from megatron_solopo.parallel import ParallelConfig
 
     if args.direction == "hf-to-mcore":
@@ -77,12 +69,12 @@ class FetchDefaultModel:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
+        from megatron_solopo.console import report_error
         from megatron_solopo.convert.default_model import fetch_default_model
 
         try:
             hf_dir = fetch_default_model(args.output, force=args.force)
-        except (RuntimeError, ValueError, OSError) as err:
-            print(f"solopo fetch-default-model: error: {err}", file=sys.stderr)
-            return 1
+        except RuntimeError as err:  # a failed download or a damaged file: the message says which
+            return report_error("fetch-default-model", err)
         print(f"HF checkpoint:       {hf_dir}\nMegatron checkpoint: {hf_dir.parent / 'mcore'}")
         return 0

@@ -14,7 +14,7 @@ import pathlib
 import shutil
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -25,10 +25,36 @@ _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h
 _WEIGHT_INDEXES = (INDEX_NAME, "pytorch_model.bin.index.json")
 
 
+class UnreadableCheckpoint(ValueError):
+    """A weight file that cannot be trusted: corrupt, truncated or empty, or holding NaN/Inf values."""
+
+
+def _open_safetensors(path: pathlib.Path):
+    """safe_open, with a one-line error naming the file when it is not a readable safetensors file."""
+    try:
+        return safe_open(str(path), framework="pt")
+    except (SafetensorError, OSError) as err:
+        size = path.stat().st_size if path.exists() else None
+        what = "is empty" if size == 0 else f"cannot be read as safetensors ({err})"
+        raise UnreadableCheckpoint(f"weight file {path} {what}; it is corrupt or truncated: download or copy "
+                                   "it again") from None
+
+
+def _checked_finite(tensor: torch.Tensor, name: str, path: pathlib.Path) -> torch.Tensor:
+    # untrusted weights: a NaN or Inf converts silently and only shows as a NaN loss hours later
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise UnreadableCheckpoint(f"tensor {name!r} in {path} holds {bad} NaN/Inf value(s) of "
+                                   f"{tensor.numel()}; the checkpoint is damaged or was saved after "
+                                   "training diverged")
+    return tensor
+
+
 class HFCheckpointReader:
     """Tensor access to a HF safetensors checkpoint (single file or sharded with an index).
 
-    Use as a context manager, or call `close()`.
+    Every tensor read is checked to be finite (`UnreadableCheckpoint` names it otherwise), and a file
+    that is not valid safetensors is named in the error. Use as a context manager, or call `close()`.
     """
 
     def __init__(self, hf_dir: str | os.PathLike):
@@ -57,22 +83,29 @@ class HFCheckpointReader:
         except KeyError:
             raise KeyError(f"tensor {name!r} is not in the checkpoint {self.hf_dir}") from None
         if file_name not in self._handles:
-            self._handles[file_name] = safe_open(str(self.hf_dir / file_name), framework="pt")
+            path = self.hf_dir / file_name
+            if not path.is_file():
+                raise FileNotFoundError(f"{self.hf_dir / INDEX_NAME} places {name!r} in {file_name}, which "
+                                        f"does not exist in {self.hf_dir}; the download is incomplete")
+            self._handles[file_name] = _open_safetensors(path)
         return self._handles[file_name]
+
+    def _path(self, name: str) -> pathlib.Path:
+        return self.hf_dir / self._file_of[name]
 
     def shape(self, name: str) -> tuple[int, ...]:
         return tuple(self._handle(name).get_slice(name).get_shape())
 
     def read(self, name: str) -> torch.Tensor:
-        return self._handle(name).get_tensor(name)
+        return _checked_finite(self._handle(name).get_tensor(name), name, self._path(name))
 
     def read_range(self, name: str, dim: int, start: int, stop: int) -> torch.Tensor:
         """Rows (dim 0) or columns (dim 1) [start, stop) of a tensor, reading only those bytes' rows."""
         part = self._handle(name).get_slice(name)
         if dim == 0:
-            return part[start:stop]
+            return _checked_finite(part[start:stop], name, self._path(name))
         if dim == 1:
-            return part[:, start:stop]
+            return _checked_finite(part[:, start:stop], name, self._path(name))
         raise ValueError(f"read_range supports dim 0 or 1, got {dim}")
 
 
@@ -82,7 +115,11 @@ def _weight_map(hf_dir: pathlib.Path) -> dict[str, str]:
         raise FileNotFoundError(f"Hugging Face model directory {hf_dir} does not exist")
     index = hf_dir / INDEX_NAME
     if index.exists():
-        return dict(json.loads(index.read_text())["weight_map"])
+        try:
+            return dict(json.loads(index.read_text())["weight_map"])
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError, ValueError) as err:
+            raise UnreadableCheckpoint(f"{index} is not a safetensors index with a 'weight_map' ({err}); "
+                                       "download it again") from None
     files = sorted(p.name for p in hf_dir.glob("*.safetensors"))
     if not files:
         found = sorted(p.name for p in hf_dir.iterdir() if p.suffix in (".bin", ".pt", ".pth", ".gguf"))
@@ -92,8 +129,15 @@ def _weight_map(hf_dir: pathlib.Path) -> dict[str, str]:
     if len(files) > 1:
         raise FileNotFoundError(f"{hf_dir} has several safetensors files ({', '.join(files)}) but no "
                                 f"{INDEX_NAME} saying which tensor lives where")
-    with safe_open(str(hf_dir / files[0]), framework="pt") as handle:
+    with _open_safetensors(hf_dir / files[0]) as handle:
         return {name: files[0] for name in handle.keys()}
+
+
+def _default_file_mode() -> int:
+    """The mode open() gives a new file under the process umask (0644 with the usual umask 022)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
 
 
 class HFShardWriter:
@@ -142,6 +186,8 @@ class HFShardWriter:
             final_names = [f"model-{i + 1:05d}-of-{count:05d}.safetensors" for i in range(count)]
         weight_map = {}
         for (tmp_name, names), final in zip(self._shards, final_names):
+            # safetensors creates files 0600; give the shards the mode every other file here gets
+            os.chmod(self.out_dir / tmp_name, _default_file_mode())
             os.replace(self.out_dir / tmp_name, self.out_dir / final)
             weight_map.update({name: final for name in names})
         if count > 1:

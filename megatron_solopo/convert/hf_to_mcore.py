@@ -144,9 +144,14 @@ def checkpoint_metadata(preset: ModelPreset, dtype: str, parallel: ParallelConfi
 
 
 def check_output_dir(out_dir: pathlib.Path) -> None:
-    """A conversion writes into a new or empty directory only (never mixes with old files)."""
+    """A conversion writes into a new or empty, writable directory only (never mixes with old files)."""
+    from megatron_solopo.console import check_writable_dir
+
+    if out_dir.exists() and not out_dir.is_dir():
+        raise FileExistsError(f"--output {out_dir} is a file; give a new or empty directory")
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"output directory {out_dir} is not empty; choose a new directory or remove it")
+    check_writable_dir(out_dir, "--output")
 
 
 def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,

@@ -65,23 +65,43 @@ def _required(config: Mapping[str, Any], key: str, where: str):
     return config[key]
 
 
+def hf_rope_parameters(config: Mapping[str, Any], where: str = "config.json") -> dict[str, Any]:
+    """The RoPE parameters transformers (>= 5) builds from a config.json, resolved the same way.
+
+    transformers lets a non-empty `rope_scaling` (the transformers 4 key) replace `rope_parameters`
+    whole, then fills `rope_theta` from the top level (default 10000) and `rope_type` from the legacy
+    `type` (default "default"). A file with both keys is therefore read as its `rope_scaling`: reading
+    `rope_parameters` first would convert e.g. a YaRN model as plain RoPE. tests/convert compares this
+    function with transformers' own resolution.
+    """
+    chosen = config.get("rope_scaling") or config.get("rope_parameters") or {}
+    if not isinstance(chosen, Mapping):
+        raise UnsupportedHFConfig(f"{where}: RoPE parameters must be a JSON object, got {chosen!r}")
+    resolved = dict(chosen)
+    if resolved and all(isinstance(value, Mapping) for value in resolved.values()):
+        return resolved  # per layer type: the caller refuses it
+    resolved.setdefault("rope_theta", config.get("rope_theta", 10000.0))
+    resolved.setdefault("rope_type", resolved.get("type", "default"))
+    if config.get("partial_rotary_factor") is not None:
+        resolved.setdefault("partial_rotary_factor", config["partial_rotary_factor"])
+    return resolved
+
+
 def _rope(config: Mapping[str, Any], where: str) -> tuple[float, float | None]:
     """(rope theta, llama3 scaling factor or None); errors for anything Megatron would approximate."""
-    params = config.get("rope_parameters")  # transformers >= 5
-    if isinstance(params, Mapping) and params and all(isinstance(v, Mapping) for v in params.values()):
-        raise UnsupportedHFConfig(f"{where}: per-layer-type RoPE parameters ({sorted(params)}) are not "
+    scaling = hf_rope_parameters(config, where)
+    if scaling and all(isinstance(value, Mapping) for value in scaling.values()):
+        raise UnsupportedHFConfig(f"{where}: per-layer-type RoPE parameters ({sorted(scaling)}) are not "
                                   "supported; one RoPE for all layers is")
-    scaling = params if params else config.get("rope_scaling")  # transformers 4
-    scaling = dict(scaling or {})
-    theta = scaling.get("rope_theta", config.get("rope_theta", 10000.0))
-    if float(theta) != int(theta):
+    theta = scaling["rope_theta"]
+    if not isinstance(theta, (int, float)) or float(theta) != int(theta):
         raise UnsupportedHFConfig(f"{where}: rope_theta={theta} is not an integer; Megatron-Core's "
                                   "RotaryEmbedding takes an integer base")
-    partial = scaling.get("partial_rotary_factor", config.get("partial_rotary_factor", 1.0))
+    partial = scaling.get("partial_rotary_factor", 1.0)
     if partial is not None and float(partial) != 1.0:
         raise UnsupportedHFConfig(f"{where}: partial_rotary_factor={partial} (RoPE on part of each head) "
                                   "is not supported; only full rotary embeddings are")
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    rope_type = scaling["rope_type"]
     if rope_type == "default":
         _reject_extra_keys(scaling, _DEFAULT_ROPE_KEYS | {"partial_rotary_factor"}, "default", where)
         return float(theta), None

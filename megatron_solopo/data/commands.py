@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import sys
+import pathlib
 import time
 from typing import TYPE_CHECKING
 
@@ -49,30 +49,31 @@ def resolve_model_dir(config: ExperimentConfig) -> str:
 
 def run(args: argparse.Namespace) -> int:
     from megatron_solopo.config import load_config
+    from megatron_solopo.console import check_writable_dir
     from megatron_solopo.data.pipeline import build_data
     from megatron_solopo.data.sampling import make_backend
     from megatron_solopo.data.tokenize import load_tokenized_pairs, load_tokenizer
 
     if not logging.getLogger().handlers:
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        config = load_config(args.config, args.overrides)
-        data = config.data
-        model_dir = resolve_model_dir(config)
-        tokenizer = load_tokenizer(model_dir)
-        backend = make_backend(data.sampling_backend, model_dir, data.sampling_device, data.sampling_dtype,
-                               data.sampling_batch_size, tokenizer)
-        model_id = "scripted" if data.sampling_backend == "scripted" else model_dir
-        summary = build_data(data, tokenizer, backend, model_id, progress=not args.no_progress)
-        if not args.no_tokenize:
-            start = time.perf_counter()
-            dataset = load_tokenized_pairs(data.resolved_pairs_path, tokenizer, data)
-            stats = json.loads(dataset.info.description)
-            logger.info("tokenized %d pairs in %.1f s (cache %s; longest long_chosen %d tokens)", len(dataset),
-                        time.perf_counter() - start, data.cache_dir, stats["max_long_chosen_tokens"])
-    except (ValueError, TypeError, FileNotFoundError) as err:
-        print(f"solopo build-data: error: {err}", file=sys.stderr)
-        return 2
+    config = load_config(args.config, args.overrides)
+    data = config.data
+    check_writable_dir(data.output_dir, "data.output_dir")  # before minutes of sampling
+    check_writable_dir(pathlib.Path(data.resolved_pairs_path).parent, "data.pairs_path's directory")
+    if not args.no_tokenize:
+        check_writable_dir(data.cache_dir, "data.cache_dir")
+    model_dir = resolve_model_dir(config)
+    tokenizer = load_tokenizer(model_dir)
+    backend = make_backend(data.sampling_backend, model_dir, data.sampling_device, data.sampling_dtype,
+                           data.sampling_batch_size, tokenizer)
+    model_id = "scripted" if data.sampling_backend == "scripted" else model_dir
+    summary = build_data(data, tokenizer, backend, model_id, progress=not args.no_progress)
+    if not args.no_tokenize:
+        start = time.perf_counter()
+        dataset = load_tokenized_pairs(data.resolved_pairs_path, tokenizer, data)
+        stats = json.loads(dataset.info.description)
+        logger.info("tokenized %d pairs in %.1f s (cache %s; longest long_chosen %d tokens)", len(dataset),
+                    time.perf_counter() - start, data.cache_dir, stats["max_long_chosen_tokens"])
     counts = summary["counts"]
     print(f"pairs: {counts['pairs_written']} written to {summary['pairs_path']} from {counts['items_read']} questions "
           f"(context skips {counts['context_skipped'] or 'none'}, dropped {counts['pairs_dropped'] or 'none'}); "

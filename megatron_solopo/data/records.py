@@ -26,6 +26,8 @@ import pathlib
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Any, TextIO
 
+from megatron_solopo.console import WrongFieldType
+
 __all__ = [
     "Document",
     "QAItem",
@@ -88,23 +90,30 @@ class QAItem:
 def read_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yields (line number, object) for each non-blank line of a JSONL file.
 
-    Raises ValueError naming ``file:line`` for malformed JSON and TypeError for a line that is not a
-    JSON object.
+    Raises ValueError naming ``file:line`` for malformed JSON or text that is not UTF-8 (with the byte
+    offset in the file), and WrongFieldType (a TypeError) for a line that is not a JSON object.
     """
     path = pathlib.Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"{path} does not exist (expected a JSONL file, one JSON object per line)")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
+    offset = 0  # of the current line's first byte: decoding per line lets the error say where
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}:{lineno}: not UTF-8 text (byte offset {offset + err.start} in the file: "
+                                 f"{raw[err.start:err.start + 4]!r}); re-save the file as UTF-8") from None
+            offset += len(raw)
             if not line.strip():
                 continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg} at column {err.colno}); "
+                raise ValueError(f"{path}:{lineno}: malformed JSON ({err.msg}; column {err.colno}); "
                                  "fix or remove this line (one JSON object per line)") from None
             if not isinstance(obj, dict):
-                raise TypeError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+                raise WrongFieldType(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
             yield lineno, obj
 
 
@@ -117,7 +126,7 @@ def require_field(obj: Mapping[str, Any], name: str, kind: type, where: str) -> 
         raise ValueError(f"{where}: missing field {name!r} (present: {', '.join(sorted(obj)) or 'none'})")
     value = obj[name]
     if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise TypeError(f"{where}: field {name!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}, "
+        raise WrongFieldType(f"{where}: field {name!r} must be {_TYPE_NAMES.get(kind, kind.__name__)}, "
                         f"got {type(value).__name__} {_short_repr(value)}")
     return value
 
@@ -129,12 +138,12 @@ def _short_repr(value: Any, limit: int = 60) -> str:
 
 def _check_answers(answers: Any, where: str) -> None:
     if not isinstance(answers, list):
-        raise TypeError(f"{where}: field 'answers' must be a list of strings, got {type(answers).__name__}")
+        raise WrongFieldType(f"{where}: field 'answers' must be a list of strings, got {type(answers).__name__}")
     if not answers:
         raise ValueError(f"{where}: field 'answers' is empty; give at least one gold answer")
     for i, answer in enumerate(answers):
         if not isinstance(answer, str):
-            raise TypeError(f"{where}: answers[{i}] must be a string, got {type(answer).__name__}")
+            raise WrongFieldType(f"{where}: answers[{i}] must be a string, got {type(answer).__name__}")
         if not answer.strip():
             raise ValueError(f"{where}: answers[{i}] is an empty string; remove it or fill it in")
 

@@ -28,6 +28,7 @@ import pathlib
 from collections.abc import Iterator, Mapping
 from typing import Any
 
+from megatron_solopo.console import WrongFieldType
 from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.records import Document, QAItem, read_jsonl, require_field
 from megatron_solopo.data.synthetic import generate_synthetic_qa
@@ -66,10 +67,10 @@ def _iter_rows(path: str | os.PathLike) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def _check_answers_field(value: Any, where: str, name: str) -> list[str]:
     if not isinstance(value, list):
-        raise TypeError(f"{where}: field {name!r} must be a list of strings, got {type(value).__name__}")
+        raise WrongFieldType(f"{where}: field {name!r} must be a list of strings, got {type(value).__name__}")
     for i, answer in enumerate(value):
         if not isinstance(answer, str):
-            raise TypeError(f"{where}: {name}[{i}] must be a string, got {type(answer).__name__}")
+            raise WrongFieldType(f"{where}: {name}[{i}] must be a string, got {type(answer).__name__}")
     return value
 
 
@@ -94,7 +95,7 @@ def _musique_item(obj: Mapping[str, Any], where: str) -> QAItem | None:
     for i, para in enumerate(paragraphs):
         pwhere = f"{where} paragraphs[{i}]"
         if not isinstance(para, dict):
-            raise TypeError(f"{pwhere}: expected an object, got {type(para).__name__}")
+            raise WrongFieldType(f"{pwhere}: expected an object, got {type(para).__name__}")
         doc = Document(require_field(para, "title", str, pwhere), require_field(para, "paragraph_text", str, pwhere))
         is_supporting = require_field(para, "is_supporting", bool, pwhere)
         (supporting if is_supporting else distractors).append(doc)
@@ -136,9 +137,9 @@ def _doc_from(value: Any, where: str) -> Document:
             raise ValueError(f"{where}: empty document text")
         title = value.get("title") or ""
         if not isinstance(title, str):
-            raise TypeError(f"{where}: field 'title' must be a string, got {type(title).__name__}")
+            raise WrongFieldType(f"{where}: field 'title' must be a string, got {type(title).__name__}")
         return Document(title, text)
-    raise TypeError(f"{where}: a document must be a string or an object with 'text' (and 'title'), "
+    raise WrongFieldType(f"{where}: a document must be a string or an object with 'text' (and 'title'), "
                     f"got {type(value).__name__}")
 
 
@@ -149,14 +150,14 @@ def _docs_from(obj: Mapping[str, Any], name: str, where: str, required: bool) ->
         return []
     value = obj[name]
     if not isinstance(value, list):
-        raise TypeError(f"{where}: field {name!r} must be a list of documents, got {type(value).__name__}")
+        raise WrongFieldType(f"{where}: field {name!r} must be a list of documents, got {type(value).__name__}")
     return [_doc_from(v, f"{where} {name}[{i}]") for i, v in enumerate(value)]
 
 
 def _generic_item(obj: Mapping[str, Any], where: str, default_id: str) -> QAItem:
     item_id = obj.get("id", default_id)
     if not isinstance(item_id, str) or not item_id:
-        raise TypeError(f"{where}: field 'id' must be a non-empty string, got {item_id!r}")
+        raise WrongFieldType(f"{where}: field 'id' must be a non-empty string, got {item_id!r}")
     question = require_field(obj, "question", str, where)
     if not question.strip():
         raise ValueError(f"{where}: field 'question' is empty")

@@ -287,8 +287,6 @@ def load_tokenized_pairs(path_or_records: str | os.PathLike | Sequence[Mapping[s
     as JSON (including how many pairs were skipped as too long). In multi-process training, call it
     on one rank first (then barrier) so the others only load.
     """
-    import datasets
-
     if isinstance(path_or_records, (str, os.PathLike)):
         path = pathlib.Path(path_or_records)
         records = read_pair_records(path)
@@ -302,12 +300,32 @@ def load_tokenized_pairs(path_or_records: str | os.PathLike | Sequence[Mapping[s
     if not (final_dir / "stats.json").is_file():
         logger.info("tokenizing %d pairs into %s", len(records), final_dir)
         _build_cache(records, tokenizer, config, max_seq_len, final_dir)
-    stats = json.loads((final_dir / "stats.json").read_text(encoding="utf-8"))
+    stats, dataset = _open_cache(final_dir, path)
     if stats["skipped_too_long"]:
         logger.warning("%d of %d pairs skipped: a sequence exceeds %s tokens (data.on_too_long=skip); ids: %s",
                        stats["skipped_too_long"], stats["num_records"], max_seq_len, stats["skipped_ids"])
-    info = datasets.DatasetInfo(description=json.dumps(stats), features=tokenized_features())
-    return datasets.Dataset.from_file(str(final_dir / "data.arrow"), info=info)
+    return dataset
+
+
+def _open_cache(final_dir: pathlib.Path, source: pathlib.Path | None):
+    """(stats, dataset) of a finished cache directory, checked; a damaged one is named with the fix."""
+    import datasets
+    import pyarrow
+
+    try:
+        stats = json.loads((final_dir / "stats.json").read_text(encoding="utf-8"))
+        info = datasets.DatasetInfo(description=json.dumps(stats), features=tokenized_features())
+        dataset = datasets.Dataset.from_file(str(final_dir / "data.arrow"), info=info)
+        rows = len(dataset)
+        if rows != stats["num_samples"]:
+            raise ValueError(f"{rows} rows where stats.json says {stats['num_samples']}")
+    except (OSError, ValueError, KeyError, TypeError, pyarrow.ArrowException) as err:
+        # a truncated file (disk full, a copy cut short) or one edited by hand: nothing to do with the
+        # tokenizer or the pairs, and rebuilding is cheap
+        raise ValueError(f"the tokenized-data cache {final_dir} is damaged ({' '.join(str(err).split())[:200]}); "
+                         f"delete that directory and run again: it is rebuilt from "
+                         f"{source or 'the records'}") from None
+    return stats, dataset
 
 
 def _check_unique_ids(records: Sequence[Mapping[str, Any]]) -> None:

@@ -12,10 +12,10 @@ Megatron-Core checkpoint is loaded or exported is described there).
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import TYPE_CHECKING
 
+from megatron_solopo.config import OVERRIDE_PATTERN
 from megatron_solopo.eval.evaluate import ModelSource, compare_reports, evaluate
 
 if TYPE_CHECKING:
@@ -59,29 +59,21 @@ def _model_source(args: argparse.Namespace, config: ExperimentConfig) -> ModelSo
     return None
 
 
-_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)+=")
-
-
 def run(args: argparse.Namespace) -> int:
-    try:
-        return _run(args)
-    except (ValueError, FileNotFoundError) as err:  # user errors (ConfigError is a ValueError): the message is the fix
-        print(f"solopo eval: error: {err}", file=sys.stderr)
-        return 1
-
-
-def _run(args: argparse.Namespace) -> int:
+    """Evaluates and/or compares; user errors propagate to `solopo` (one line, exit status 2)."""
     from megatron_solopo.config import load_config
+    from megatron_solopo.console import EXIT_USER_ERROR, check_writable_dir
 
     # `--compare a.json b.json eval.x=1`: argparse gives the override to --compare; take it back
-    overrides = list(args.overrides) + [c for c in args.compare or [] if _OVERRIDE.match(c)]
-    args.compare = [c for c in args.compare or [] if not _OVERRIDE.match(c)] or None
+    overrides = list(args.overrides) + [c for c in args.compare or [] if OVERRIDE_PATTERN.match(c)]
+    args.compare = [c for c in args.compare or [] if not OVERRIDE_PATTERN.match(c)] or None
     config = load_config(args.config, overrides)
     source = _model_source(args, config)
     if source is None and not args.compare:
         print("solopo eval: nothing to evaluate; give --hf-model DIR or --checkpoint DIR (or model.hf_model / "
               "model.checkpoint in the config), or --compare REPORT.json ...", file=sys.stderr)
-        return 2
+        return EXIT_USER_ERROR
+    check_writable_dir(config.eval.output_dir, "eval.output_dir")  # before minutes of generation
     reports = []
     if source is not None:
         report, paths = evaluate(config, source, progress=not args.no_progress)

@@ -94,7 +94,8 @@ class EvalConfig:
     """Seed of the synthetic eval items (entity namespace "eval", disjoint from training) and of
     distractor order. Same config + seed -> same prompts."""
     output_dir: str = "outputs/eval"
-    """Where report.json, report.md, accuracy_vs_length.png and depth_heatmap.png are written."""
+    """Where report.json, report.md, accuracy_vs_length.png and depth_heatmap.png are written (a
+    directory holding another model's report gets the new one in a subdirectory named by its label)."""
     label: str | None = None
     """Name of the evaluated model in reports and comparison tables (null: the directory name)."""
 

@@ -342,6 +342,22 @@ def report_markdown(report: Mapping[str, Any]) -> str:
     return "\n".join(parts) + "\n"
 
 
+# eval settings that decide where and how fast a report is made, not what it scores (greedy decoding
+# gives the same tokens at any batch size; the device is recorded in the report's generation block)
+_NOT_SCORED = frozenset({"output_dir", "label", "batch_size", "device"})
+
+
+def scoring_differences(reports: Sequence[Mapping[str, Any]]) -> list[str]:
+    """Eval settings (and prompt settings) that differ between reports and can change their scores."""
+    keys: set[str] = set()
+    for section in ("eval", "prompt"):
+        values = [r["config"].get(section, {}) for r in reports]
+        for key in set().union(*values) - (_NOT_SCORED if section == "eval" else set()):
+            if len({json.dumps(v.get(key), sort_keys=True) for v in values}) > 1:
+                keys.add(f"{section}.{key}")
+    return sorted(keys)
+
+
 def compare_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     """Several reports side by side: one column per model, rows for overall, suites and lengths (sub-EM %)."""
     if not reports:
@@ -363,17 +379,49 @@ def compare_markdown(reports: Sequence[Mapping[str, Any]]) -> str:
     footer = ["", "Models: " + "; ".join(f"**{r['model']['label']}** = `{r['model']['path']}` "
                                          f"(fingerprint `{r['model']['fingerprint'][:12]}`, {r['generation']['path']})"
                                          for r in reports)]
-    if len({json.dumps(r["config"]["eval"], sort_keys=True) for r in reports}) > 1:
-        footer.append("Warning: the reports were made with different eval configs; compare with care.")
+    differing = scoring_differences(reports)
+    if differing:
+        footer.append(f"Warning: the reports differ in eval settings that change scores ({', '.join(differing)}); "
+                      "compare with care.")
     return _table(["metric (%)", *labels], rows) + "\n" + "\n".join(footer) + "\n"
 
 
 # ------------------------------------------------------------------------------------------ writing
+REPORT_FILES = ("report.json", "report.md", "accuracy_vs_length.png", "depth_heatmap.png")
+
+
+def report_dir(report: Mapping[str, Any], output_dir: str | os.PathLike) -> pathlib.Path:
+    """Where `report` is written: `output_dir`, unless that already holds another model's report; then
+    a per-model subdirectory `output_dir/<label>` (`<label>-2`, ... if taken), so that no report or
+    plot of an earlier model is overwritten or left beside the new one."""
+    out = pathlib.Path(output_dir)
+    candidate, number = out, 1
+    while (candidate / "report.json").is_file() and not _same_model(candidate / "report.json", report):
+        number += 1
+        slug = "".join(c if c.isalnum() or c in "-_." else "_" for c in str(report["model"]["label"])) or "model"
+        candidate = out / (slug if number == 2 else f"{slug}-{number - 1}")
+    return candidate
+
+
+def _same_model(path: pathlib.Path, report: Mapping[str, Any]) -> bool:
+    try:
+        earlier = json.loads(path.read_text(encoding="utf-8"))["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return False  # unreadable: keep it, write elsewhere
+    ours = report["model"]
+    return earlier.get("label") == ours["label"] and earlier.get("fingerprint") == ours["fingerprint"]
+
+
 def write_report(report: Mapping[str, Any], output_dir: str | os.PathLike) -> dict[str, str]:
     """Writes report.json, report.md, accuracy_vs_length.png and depth_heatmap.png (when there is a
-    depth sweep) into `output_dir`; returns {name: path}."""
-    out = pathlib.Path(output_dir)
+    depth sweep) into `report_dir(report, output_dir)`; returns {name: path}.
+
+    The same model evaluated again replaces its own files (a plot the new report does not have is
+    removed with them); another model's report in `output_dir` is never touched."""
+    out = report_dir(report, output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    for name in REPORT_FILES:
+        (out / name).unlink(missing_ok=True)
     paths = {"json": str(out / "report.json"), "markdown": str(out / "report.md")}
     write_json(paths["json"], report)
     (out / "report.md").write_text(report_markdown(report), encoding="utf-8")

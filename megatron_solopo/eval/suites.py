@@ -32,6 +32,7 @@ import random
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from megatron_solopo.console import WrongFieldType
 from megatron_solopo.data.contexts import (
     ContextSkip,
     ContextTemplates,
@@ -168,13 +169,16 @@ def _jsonl_rows(config: EvalConfig) -> list[tuple[str, QAItem, bool]]:
     rows = []
     for path in config.jsonl_paths:
         items = read_generic(path, max_items=config.jsonl_max_items).items
+        if not items:
+            raise ValueError(f"eval.jsonl_paths: {path} holds no QA rows (empty file?); give it rows of "
+                             "question, answers and documents (examples/eval/my_qa.jsonl) or remove it")
         flags = []
         for where, obj in _iter_rows(path):
             if len(flags) == len(items):
                 break
             flag = obj.get("as_given", False)
             if not isinstance(flag, bool):
-                raise TypeError(f"{where}: field 'as_given' must be true or false, got {flag!r}")
+                raise WrongFieldType(f"{where}: field 'as_given' must be true or false, got {flag!r}")
             flags.append(flag)
         rows.extend((str(path), item, flag) for item, flag in zip(items, flags, strict=True))
     return rows

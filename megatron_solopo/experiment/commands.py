@@ -20,10 +20,10 @@ import json
 import pathlib
 import platform
 import shutil
-import sys
 
 import yaml
 
+from megatron_solopo.console import UserError
 from megatron_solopo.experiment.config import BASE_ARM, QualityExperimentConfig, load_quality_config
 from megatron_solopo.experiment.stages import Stage, StageRunner, latest_checkpoint, solopo_argv
 
@@ -117,8 +117,8 @@ def _pin_experiment(run_dir: pathlib.Path, record: dict) -> None:
         earlier = json.loads(path.read_text(encoding="utf-8"))
         if earlier != record:
             changed = sorted(k for k in set(earlier) | set(record) if earlier.get(k) != record.get(k))
-            raise SystemExit(f"solopo experiment: {run_dir} holds a run with other settings ({', '.join(changed)} "
-                             "differ); continue it with the same command, or pass --run-dir NEW_DIR")
+            raise UserError(f"{run_dir} holds a run with other settings ({', '.join(changed)} differ); continue "
+                            "it with the same command, or pass --run-dir NEW_DIR")
         return
     run_dir.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
@@ -212,13 +212,8 @@ def publish(run_dir: pathlib.Path, experiment: QualityExperimentConfig, out_dir:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_solopo.config import ConfigError
-
-    try:
-        experiment = load_quality_config(args.config)
-    except (ConfigError, ValueError) as err:
-        print(f"solopo experiment: error: {err}", file=sys.stderr)
-        return 1
+    """Runs (or continues) the experiment; user errors propagate to `solopo` (one line, exit status 2)."""
+    experiment = load_quality_config(args.config)
     overrides = [*(experiment.quick if args.quick else []), *args.overrides]
     run_dir = pathlib.Path(args.run_dir or experiment.run_dir).resolve()
     needs_model = not (experiment.shared.get("model", {}).get("hf_model")
@@ -229,11 +224,7 @@ def run(args: argparse.Namespace) -> int:
         from megatron_solopo.convert.default_model import default_cache_dir
 
         fetch_dir = pathlib.Path(args.model_dir).resolve() if args.model_dir else default_cache_dir()
-    try:
-        shared = _resolved_shared(experiment, overrides, fetch_dir)
-    except (ConfigError, ValueError) as err:
-        print(f"solopo experiment: error: {err}", file=sys.stderr)
-        return 1
+    shared = _resolved_shared(experiment, overrides, fetch_dir)
     _pin_experiment(run_dir, {"config_file": str(pathlib.Path(args.config).resolve()), "quick": args.quick,
                               "overrides": overrides, "arms": [a.name for a in experiment.arms], "shared": shared})
     _measure_machine(run_dir)

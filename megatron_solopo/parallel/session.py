@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import torch.distributed as dist
 
+from megatron_solopo.console import USER_ERRORS
 from megatron_solopo.parallel.config import ParallelConfig
 from megatron_solopo.parallel.context import (
     ParallelContext,
@@ -95,7 +96,7 @@ def check_on_rank0(check: Callable[[], None]) -> None:
     if is_rank0():
         try:
             check()
-        except (ValueError, FileExistsError, FileNotFoundError) as err:
+        except USER_ERRORS as err:
             error = err
     if dist.is_initialized() and dist.get_world_size() > 1:
         box = [error]

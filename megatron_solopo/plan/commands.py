@@ -2,15 +2,23 @@
 training step (plan/dry_run.py). Runs in one CPU process whatever the layout's world size.
 
     solopo plan --preset llama3.1-8b --tp 8 --cp 8 --short 4K --long 128K --response 256 --recompute full
+
+With --gpus N: searches the TP x CP x DP layouts (with / without full recompute) that fit --gpu-memory-gib,
+by layer-scaled dry runs, ordered by a projected step time (plan/search.py), with their sbatch lines:
+
+    solopo plan --preset llama3.1-8b --short 4K --long 1M --response 256 --gpus 64 --gpu-memory-gib 80
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
 
 from megatron_solopo.plan.dry_run import PlanSpec, parse_tokens, plan_step
+from megatron_solopo.plan.memory import GIB
+from megatron_solopo.plan.search import Assumptions, scaled_plan, search_layouts
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -25,7 +33,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mode", choices=("solo", "long"), default="solo",
                         help="solo: short chosen/rejected + long chosen (SoLoPO); long: long chosen + rejected")
     parser.add_argument("--objective", default="orpo", help="base objective (orpo, simpo, dpo, ipo)")
-    parser.add_argument("--recompute", choices=("none", "selective", "full"), default="none")
+    parser.add_argument("--recompute", choices=("none", "selective", "full"), default=None,
+                        help="default none; with --gpus: search only this mode (default: none and full)")
     parser.add_argument("--dtype", choices=("bf16", "fp16", "fp32"), default="bf16", help="model params dtype")
     parser.add_argument("--micro-batch-pairs", type=int, default=1)
     parser.add_argument("--microbatches", type=int, default=1, help="micro-batches per step on this rank")
@@ -35,15 +44,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--real", action="store_true",
                         help="run with real tensors instead (world size 1 only): the validation path")
     parser.add_argument("--json", default=None, help="also write the result as JSON to this path")
+    parser.add_argument("--scaled", action="store_true",
+                        help="dry-run 2 and 4 layers and extrapolate to the full depth (exact; faster)")
+    search = parser.add_argument_group("layout search (--gpus; plan/search.py, docs/scaling.md)")
+    search.add_argument("--gpus", type=int, default=None,
+                        help="search the layouts of this many GPUs (instead of planning --tp/--cp/--dp)")
+    search.add_argument("--gpu-memory-gib", type=float, default=80.0, help="memory per GPU (default 80)")
+    search.add_argument("--smallest", action="store_true",
+                        help="instead of --gpus: the fewest GPUs of one replica (DP=1) that fit --gpu-memory-gib")
+    search.add_argument("--top", type=int, default=5, help="stop after this many layouts fit (0: all)")
+    search.add_argument("--config", default="CONFIG.yaml", help="experiment YAML to name in the sbatch lines")
+    defaults = Assumptions()
+    for field in dataclasses.fields(Assumptions):
+        search.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
+                            default=getattr(defaults, field.name), help="projection assumption (default %(default)s)")
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.gpus is not None or args.smallest:
+        return _search(args)
+    if args.recompute is None:
+        args.recompute = "none"
     spec = PlanSpec(preset=args.preset, tp=args.tp, pp=args.pp, cp=args.cp, dp=args.dp, virtual_pp=args.vpp,
                     sequence_parallel=args.sequence_parallel, short_tokens=parse_tokens(args.short),
                     long_tokens=parse_tokens(args.long), response_tokens=parse_tokens(args.response),
                     mode=args.mode, objective=args.objective, recompute=args.recompute, params_dtype=args.dtype,
                     micro_batch_pairs=args.micro_batch_pairs, num_microbatches=args.microbatches,
                     distributed_optimizer=args.distributed_optimizer, stage=args.stage)
+    if args.scaled:
+        if args.real:
+            print("solopo plan: --scaled is a fake-tensor dry run; drop --real", file=sys.stderr)
+            return 2
+        try:
+            scaled = scaled_plan(spec)
+        except (ValueError, NotImplementedError) as err:
+            print(f"solopo plan: {err}", file=sys.stderr)
+            return 2
+        print(f"dry run (fake tensors) at {scaled.layers[0]} and {scaled.layers[1]} layers, extrapolated to the "
+              f"full depth: {spec.preset}, tp={spec.tp} cp={spec.cp} dp={spec.dp}, recompute={spec.recompute}, "
+              f"mode={spec.mode}, short={spec.short_tokens} long={spec.long_tokens} response={spec.response_tokens}")
+        for name, value in [*scaled.persistent_bytes.items(), ("activations+temporaries", scaled.activations_bytes),
+                            ("PEAK", scaled.peak_bytes)]:
+            print(f"  {name:<24}  {value / GIB:10.3f} GiB  ({value:,} bytes)")
+        print(f"  peak reached in: {scaled.peak_phase}; {scaled.seconds:.1f} s on this machine")
+        if args.json:
+            with open(args.json, "w") as handle:
+                json.dump({"spec": vars(spec), "scaled": dataclasses.asdict(scaled)}, handle, indent=2)
+        return 0
     try:
         result = plan_step(spec, fake=not args.real)
     except (ValueError, NotImplementedError) as err:
@@ -56,3 +103,54 @@ def run(args: argparse.Namespace) -> int:
                        "memory": result.memory.as_dict(), "seconds_setup": result.seconds_setup,
                        "seconds_step": result.seconds_step}, handle, indent=2)
     return 0
+
+
+def _search(args: argparse.Namespace) -> int:
+    if any(getattr(args, name) != 1 for name in ("tp", "pp", "cp", "dp")) or args.real:
+        print("solopo plan: --gpus searches the layout; drop --tp/--pp/--cp/--dp/--real", file=sys.stderr)
+        return 2
+    spec = PlanSpec(preset=args.preset, short_tokens=parse_tokens(args.short), long_tokens=parse_tokens(args.long),
+                    response_tokens=parse_tokens(args.response), mode=args.mode, objective=args.objective,
+                    params_dtype=args.dtype, micro_batch_pairs=args.micro_batch_pairs,
+                    distributed_optimizer=args.distributed_optimizer)
+    assumptions = Assumptions(**{f.name: getattr(args, f.name) for f in dataclasses.fields(Assumptions)})
+    recomputes = (args.recompute,) if args.recompute else ("none", "full")
+    if args.smallest:
+        if args.gpus is not None:
+            print("solopo plan: --smallest finds the GPU count; drop --gpus", file=sys.stderr)
+            return 2
+        return _smallest(args, spec, assumptions, recomputes)
+    try:
+        result = search_layouts(spec, args.gpus, args.gpu_memory_gib, assumptions, recomputes, top=args.top,
+                                config=args.config, log=lambda line: print(line, file=sys.stderr, flush=True))
+    except (ValueError, NotImplementedError) as err:
+        print(f"solopo plan: {err}", file=sys.stderr)
+        return 2
+    print("\n".join(result.lines()))
+    if args.json:
+        with open(args.json, "w") as handle:
+            json.dump(result.as_dict(), handle, indent=2)
+    return 0 if result.fitting() else 3
+
+
+def _smallest(args, spec: PlanSpec, assumptions: Assumptions, recomputes) -> int:
+    from megatron_solopo.plan.search import smallest_layout
+
+    found = False
+    print(f"smallest replica (DP=1, PP=1, no SP) that fits {args.gpu_memory_gib:g} GiB "
+          f"({1 - assumptions.reserve_fraction:.0%} usable): {spec.preset}, mode={spec.mode}, short={spec.short_tokens} "
+          f"long={spec.long_tokens} response={spec.response_tokens}; memory from the layer-scaled dry run, time a "
+          "PROJECTION (assumptions below)")
+    for recompute in recomputes:
+        row = smallest_layout(spec, args.gpu_memory_gib, recompute, assumptions,
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+        if row is None:
+            print(f"  recompute={recompute}: nothing up to 256 GPUs fits")
+            continue
+        found = True
+        c, p = row.candidate, row.projection
+        print(f"  recompute={recompute}: {c.tp * c.cp} GPUs, TP={c.tp} CP={c.cp}: peak {row.plan.peak_gib:.2f} GiB, "
+              f"projected {p.pair_s:.2f} s per pair (compute {p.compute_s:.2f}, TP {p.tp_comm_s:.2f}, "
+              f"CP exposed {p.cp_comm_s:.2f})")
+    print("\n".join(assumptions.lines()))
+    return 0 if found else 3

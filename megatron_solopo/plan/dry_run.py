@@ -82,6 +82,9 @@ class PlanSpec:
     distributed_optimizer: bool = False
     stage: str = "first"
     """Which pipeline stage this process plays: first | last (the same rank at PP=1)."""
+    num_layers: int | None = None
+    """Transformer layers to build instead of the preset's (None: the preset's). The layer-scaled dry run
+    (plan/search.py) runs 2 and 4 layers and extrapolates; `solopo plan` always runs the full depth."""
 
     @property
     def world_size(self) -> int:
@@ -107,11 +110,13 @@ class PlanResult:
 
     def lines(self) -> list[str]:
         s = self.spec
+        layers = "" if s.num_layers is None else f"{s.num_layers} layers, "
         head = (f"{'dry run (fake tensors)' if self.fake else 'real tensors'}: {s.preset}, tp={s.tp} pp={s.pp} "
                 f"cp={s.cp} dp={s.dp}{' sp' if s.sequence_parallel else ''}, {s.params_dtype}, "
                 f"recompute={s.recompute}, "
                 f"mode={s.mode} ({s.objective}), short={s.short_tokens} long={s.long_tokens} "
-                f"response={s.response_tokens}, {s.num_microbatches} x {s.micro_batch_pairs} pair(s); "
+                f"response={s.response_tokens}, "
+                f"{layers}{s.num_microbatches} x {s.micro_batch_pairs} pair(s); "
                 f"rank {s.rank()} (pipeline stage {self.pp_rank})")
         tail = (f"  setup {self.seconds_setup:.1f} s, measured step {self.seconds_step:.1f} s on this machine; "
                 f"{self.memory.placeholder_reads} data-dependent scalar reads answered with placeholders")
@@ -256,6 +261,8 @@ def plan_step(spec: PlanSpec, fake: bool = True) -> PlanResult:
             "schedule sends activation shapes between stages, which a single fake rank never receives; plan "
             "with --pp 1 (memory per stage ~ the layers it holds) until issue 15's PP support lands")
     preset = get_preset(spec.preset)
+    if spec.num_layers is not None:
+        preset = preset.replace(num_layers=spec.num_layers)
     owns_process_group = _init_process_group(spec, fake)
     try:
         parallel = initialize_parallel(ParallelConfig(tp=spec.tp, pp=spec.pp, cp=spec.cp, virtual_pp=spec.virtual_pp,

@@ -3,15 +3,14 @@
 
 Launch one process per GPU with torchrun (or srun); a single process needs no launcher. Exit status:
 0 when the run reached its last step, 75 (loop.EXIT_RESUMABLE) when it stopped early with a complete
-checkpoint (train.max_steps_per_run, or $SOLOPO_STOP_FILE), 1 on a configuration, data or checkpoint
-error or a diverged (NaN/Inf) loss, with the reason on stderr.
+checkpoint (train.max_steps_per_run, $SOLOPO_STOP_FILE or SIGTERM), 2 on a configuration, data,
+checkpoint or file error or a diverged (NaN/Inf) loss, with the reason on one line of stderr
+(console.py).
 """
 
 from __future__ import annotations
 
 import argparse
-import os
-import sys
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -22,20 +21,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_solopo.config import ConfigError, load_config
+    from megatron_solopo.config import load_config
+    from megatron_solopo.console import check_writable_dir, launcher_rank, report_error
     from megatron_solopo.training.checkpointing import CheckpointError
     from megatron_solopo.training.loop import TrainingDiverged, train
-    from megatron_solopo.training.reference import ReferenceMismatchError
 
-    rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0
+    rank0 = launcher_rank() == 0
+    config = load_config(args.config, list(args.overrides))
+    check_writable_dir(config.train.output_dir, "train.output_dir")  # before minutes of setup
+    check_writable_dir(config.data.cache_dir, "data.cache_dir")
     try:
-        config = load_config(args.config, list(args.overrides))
         summary = train(config)
-    except (ConfigError, CheckpointError, ReferenceMismatchError, TrainingDiverged, FileNotFoundError,
-            ValueError) as err:
-        if rank0:
-            print(f"solopo train: error: {err}", file=sys.stderr)
-        return 1
+    except (CheckpointError, TrainingDiverged) as err:  # not ValueErrors, but the message is the fix
+        return report_error("train", err)
     if rank0:
         state = ("finished" if summary.finished else
                  f"stopped early ({summary.stop_reason}); run again with train.resume=auto to continue")
@@ -60,18 +58,13 @@ class PrecomputeRef:
 
     @staticmethod
     def run(args: argparse.Namespace) -> int:
-        from megatron_solopo.config import ConfigError, load_config
+        from megatron_solopo.config import load_config
+        from megatron_solopo.console import launcher_rank
         from megatron_solopo.training.reference import precompute_reference
 
-        rank0 = int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0  # no process group any more
-        try:
-            config = load_config(args.config, list(args.overrides))
-            summary = precompute_reference(config, output=args.output)
-        except (ConfigError, FileNotFoundError, ValueError) as err:
-            if rank0:
-                print(f"solopo precompute-ref: error: {err}", file=sys.stderr)
-            return 1
-        if rank0:
+        config = load_config(args.config, list(args.overrides))
+        summary = precompute_reference(config, output=args.output)
+        if launcher_rank() == 0:  # no process group any more
             print(f"wrote reference log-probs for {summary['count']} pairs ({', '.join(summary['roles'])}) to "
                   f"{summary['path']} in {summary['seconds']:.1f} s")
         return 0

@@ -9,7 +9,8 @@ A run stops early, with a complete checkpoint, after `train.max_steps_per_run` s
 file named by $SOLOPO_STOP_FILE appears (the SLURM scripts create it shortly before the time limit;
 it is removed once honoured) or the process gets SIGTERM (within train.sigterm_grace_s);
 its summary then says `finished=False` and `solopo train` exits with EXIT_RESUMABLE (75) so the job
-script can requeue it with train.resume=auto. A NaN/Inf loss or gradient stops the run with
+script can requeue it with train.resume=auto (rank 0 also writes that status to $SOLOPO_EXIT_STATUS_FILE:
+torchrun turns a worker's 75 into its own 1). A NaN/Inf loss or gradient stops the run with
 `TrainingDiverged` naming the step and the pairs, before the optimizer step and without saving; so does
 an update that makes the parameters non-finite or grows their norm by more than
 train.max_param_norm_growth in one step (checked before any save, so no checkpoint ever holds a
@@ -60,6 +61,10 @@ EXIT_RESUMABLE = 75
 STOP_FILE_ENV = "SOLOPO_STOP_FILE"
 """Environment variable naming a file whose appearance asks the run to save and stop at the next step."""
 SUMMARY_FILE = "run_summary.json"
+EXIT_STATUS_FILE_ENV = "SOLOPO_EXIT_STATUS_FILE"
+"""Environment variable naming a file where rank 0 records the run's exit status (first line: 0 or
+EXIT_RESUMABLE) once training returned: a launcher such as torchrun reports any non-zero worker status as
+its own 1, so the SLURM scripts read this file to tell a resumable stop (requeue) from a failure."""
 
 
 class TrainingDiverged(RuntimeError):
@@ -615,7 +620,25 @@ def _train_locked(config: ExperimentConfig, parallel: ParallelContext, resume_fr
     if rank0:
         record = {**dataclasses.asdict(summary), "finished": summary.finished}
         (output_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        _record_exit_status(summary)
     return summary
+
+
+def _record_exit_status(summary: RunSummary) -> None:
+    """Writes summary.exit_code (and what it means) to $SOLOPO_EXIT_STATUS_FILE, if set; rank 0 only, after the
+    final checkpoint. Written under a temporary name and renamed, so a reader never sees half a file."""
+    path = os.environ.get(EXIT_STATUS_FILE_ENV)
+    if not path:
+        return
+    target = pathlib.Path(path)
+    tmp = target.with_name(target.name + ".tmp")
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(f"{summary.exit_code}\n{summary.stop_reason} at step {summary.final_step}/{summary.total_steps}"
+                       f"; checkpoint {summary.checkpoint}\n", encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as err:
+        print(f"warning: could not write the exit status file {path}: {err}", file=sys.stderr)
 
 
 def _plain(config: ExperimentConfig) -> dict[str, Any]:

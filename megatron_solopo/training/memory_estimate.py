@@ -1,36 +1,31 @@
-"""Per-GPU memory estimate of a training layout, without launching anything (pure arithmetic).
+"""Per-GPU memory LOWER BOUND of a training layout (pure arithmetic) and the layout checks of a config.
 
-Used by `tools/plan_layout.py` (and the `--dry-run` of the SLURM scripts) to check that a recipe fits
-before it waits hours in a queue. The model is an estimate with stated assumptions, accurate to
-roughly +-15% for dense Llama/Qwen models; measure with a short run before trusting a tight fit.
+The per-GPU memory a user sees comes from ONE place: the dry run of the real training step
+(megatron_solopo/plan/, `solopo plan`, `tools/plan_layout.py`, the SLURM scripts' `--dry-run`). This module
+keeps only what is cheap and safe: the layout checks (`plan_layout`: world size, heads, vocab, batch split)
+and a lower bound on the bytes one rank must hold at once, which the layout search (plan/search.py) uses to
+skip dry runs that cannot fit, and which `tools/plan_layout.py` falls back to (labelled as a bound) where
+the dry run cannot go yet (pipeline parallelism). tests/plan/test_search.py checks that the bound never
+exceeds the dry run's peak.
 
-Terms (bytes per GPU):
+Terms (bytes per GPU, each one a floor):
 
 * weights, gradients, optimizer: per-GPU parameter count P (the transformer layers / (tp*pp), plus
   the vocab-parallel embedding on the first stage and the output layer on the last). Mixed
-  precision (bf16/fp16) keeps 2 B weights, 4 B fp32 main gradients (Megatron accumulates and
-  all-reduces gradients in fp32 for bf16) and 12 B optimizer state (fp32 master copy, Adam m and v);
-  fp32 keeps 4 + 4 + 8. With the distributed optimizer the optimizer state is sharded over the
-  data-parallel ranks including context parallelism (dp*cp), as Megatron-Core does.
-* activations: what one transformer layer keeps for backward, per token, with a memory-linear
-  attention kernel (flash / cuDNN / SDPA: no [s, s] scores), SwiGLU MLP and no dropout:
+  precision (bf16/fp16): 2 B weights, 4 B fp32 gradient buffer (Megatron accumulates and all-reduces
+  gradients in fp32 for bf16) and 12 B optimizer state (fp32 master copy, Adam m and v); fp32 keeps
+  4 + 4 + 8. With the distributed optimizer the optimizer state is sharded over dp*cp.
+* activations: what each layer has saved for the backward when the backward starts, per token, with a
+  memory-linear attention kernel (SDPA / flash: no [s, s] scores), SwiGLU MLP and no dropout:
   2-byte activations x [4h (norm and linear inputs; split over tp only with sequence parallelism)
   + (q + k + v + attention output + gate/up + SwiGLU output) / tp]
   = b * [4h / (tp if SP else 1) + (2*a*d + 2*g*d + 3f) / tp], a = heads, g = kv heads, d = head dim.
-  Full recompute keeps only each layer's input (b * h / (tp if SP else 1)) plus one layer's full
-  activations while it is recomputed. Either way one more layer's worth is counted as the backward
-  working set (the gradient buffers of the layer being differentiated). Selective recompute of core attention saves nothing extra
-  with a flash kernel (it has no score matrix to drop), so it is counted like none. Tokens per GPU
-  are the micro-batch's tokens / cp. Pipeline 1F1B: the first stage holds min(pp, micro-batches)
-  micro-batches in flight, i.e. up to all L layers' worth of one micro-batch.
-* LM head: log-probs only at response positions (the project's response-only head): response
-  tokens x V/tp x 10 B (bf16 logits + fp32 log-softmax input and output). The full-vocab
-  alternative (logits at every position) is reported beside it, since it is what dominates the
-  out-of-memory reports of other DPO ports at long length.
-* reference model: none for reference-free objectives or precomputed reference log-probs; an
-  online frozen copy adds its weights.
-* runtime overhead: CUDA context, NCCL buffers, allocator fragmentation: 3 GiB + 5% of the rest
-  (an assumption; the measured value varies with NCCL settings and fragmentation).
+  Full (and, as a floor, selective) recompute keeps only each layer's input (b * h / (tp if SP else 1)).
+  Tokens per GPU are the micro-batch's tokens / cp; the first pipeline stage holds min(pp, micro-batches)
+  micro-batches of its layers.
+* not counted (the dry run counts them): the layer being differentiated, recomputed activations, the
+  LM head's chunks, communication temporaries, RoPE tables; nor what neither counts (CUDA context, NCCL,
+  allocator fragmentation: docs/scaling.md).
 """
 
 from __future__ import annotations
@@ -47,13 +42,10 @@ if TYPE_CHECKING:
     from megatron_solopo.config import ExperimentConfig
 
 __all__ = ["GIB", "SequencePlan", "MemoryEstimate", "LayoutPlan", "params_per_gpu",
-           "activation_bytes_per_token_per_layer", "estimate_memory", "format_estimate", "suggestions",
+           "activation_bytes_per_token_per_layer", "estimate_memory", "memory_lower_bound", "format_estimate",
            "sequence_plan_from_config", "plan_layout"]
 
 GIB = 1024 ** 3
-_OVERHEAD_FIXED_BYTES = 3 * GIB
-_OVERHEAD_FRACTION = 0.05
-_HEAD_BYTES_PER_LOGIT = 10  # bf16 logits + fp32 log-softmax input and output
 
 
 @dataclasses.dataclass(frozen=True)
@@ -78,17 +70,13 @@ class SequencePlan:
 
 @dataclasses.dataclass
 class MemoryEstimate:
-    """Bytes per GPU by term (for the most loaded pipeline stage) plus what they were computed from."""
+    """Lower bound of the bytes per GPU by term (most loaded pipeline stage) and what it was computed from."""
 
     weights: float
     gradients: float
     optimizer: float
     activations: float
-    lm_head: float
-    reference: float
-    overhead: float
-    full_logits_alternative: float
-    """What the LM head would need with full-vocab logits at every position (not in `total`)."""
+    """Activations saved by the layers the stage holds when the backward starts (a floor)."""
     params_per_gpu: int
     tokens_per_microbatch_per_gpu: int
     layers_held: float
@@ -97,13 +85,10 @@ class MemoryEstimate:
 
     @property
     def total(self) -> float:
-        return (self.weights + self.gradients + self.optimizer + self.activations + self.lm_head + self.reference
-                + self.overhead)
+        return self.weights + self.gradients + self.optimizer + self.activations
 
     def as_gib(self) -> dict[str, float]:
-        keys = ("weights", "gradients", "optimizer", "activations", "lm_head", "reference", "overhead",
-                "full_logits_alternative")
-        out = {k: round(getattr(self, k) / GIB, 2) for k in keys}
+        out = {k: round(getattr(self, k) / GIB, 2) for k in ("weights", "gradients", "optimizer", "activations")}
         out["total"] = round(self.total / GIB, 2)
         return out
 
@@ -143,20 +128,19 @@ def activation_bytes_per_token_per_layer(preset: ModelPreset, parallel: Parallel
     return act_bytes * (4 * h / replicated_div + (2 * a * d + 2 * g * d + 3 * f) / parallel.tp)
 
 
-def estimate_memory(preset: ModelPreset, parallel: ParallelConfig, world_size: int, sequences: SequencePlan, *,
-                    micro_batch_pairs: int, num_microbatches: int, params_dtype: str = "bf16",
-                    recompute: str = "none", distributed_optimizer: bool = True, packed: bool = True,
-                    online_reference: bool = False) -> MemoryEstimate:
-    """Per-GPU memory of training `preset` with this layout (bytes per term, see module docstring).
+def memory_lower_bound(preset: ModelPreset, parallel: ParallelConfig, world_size: int, sequences: SequencePlan, *,
+                       micro_batch_pairs: int, num_microbatches: int, params_dtype: str = "bf16",
+                       recompute: str = "none", distributed_optimizer: bool = True,
+                       packed: bool = True) -> MemoryEstimate:
+    """Bytes one GPU must hold at once to train `preset` with this layout (a floor: module docstring).
 
     Args:
         world_size: total GPUs of the job (dp = world / (tp*pp*cp)).
         sequences: the sequences of one preference pair (which ones follows from the objective).
         micro_batch_pairs / num_microbatches: pairs per forward and micro-batches per step per rank.
         params_dtype: fp32 | bf16 | fp16 (bf16/fp16 train with fp32 master weights).
-        recompute: none | selective | full.
+        recompute: none | selective | full (selective is floored like full).
         packed: sequences of a micro-batch packed in one row (THD) rather than padded to the longest.
-        online_reference: a frozen reference copy is kept in memory (DPO/IPO/LongPO with train.reference=online).
     """
     dp = parallel.dp_size(world_size)
     notes: list[str] = []
@@ -167,60 +151,24 @@ def estimate_memory(preset: ModelPreset, parallel: ParallelConfig, world_size: i
     if distributed_optimizer and shard == 1:
         notes.append("distributed optimizer with dp*cp = 1 shards nothing")
     act_bytes = 2 if mixed else 4
-
     tokens_mb = micro_batch_pairs * sequences.tokens_per_pair(packed)
-    tokens_gpu = math.ceil(tokens_mb / parallel.cp)
-    per_token_layer = activation_bytes_per_token_per_layer(preset, parallel, act_bytes, recompute)
-    layers_per_stage = preset.num_layers // parallel.pp
-    in_flight = min(parallel.pp, num_microbatches)
-    layers_held = layers_per_stage * in_flight
-    if parallel.virtual_pp:
-        # interleaved 1F1B warms up more micro-batches on the first stage
-        layers_held *= 1 + (parallel.pp - 1) / (parallel.pp * parallel.virtual_pp)
-    # working set: the layer in backward holds gradient buffers about the size of its activations,
-    # and under full recompute also its recomputed activations
-    one_layer = activation_bytes_per_token_per_layer(preset, parallel, act_bytes, "none") * tokens_gpu
-    activations = per_token_layer * tokens_gpu * layers_held + one_layer * (2 if recompute == "full" else 1)
-    if recompute == "selective":
-        notes.append("selective recompute of core attention saves nothing with flash-type kernels; counted as none")
-
-    response_gpu = math.ceil(micro_batch_pairs * len(sequences.tokens) * sequences.response_tokens / parallel.cp)
-    vocab_shard = preset.vocab_size / parallel.tp
-    lm_head = response_gpu * vocab_shard * _HEAD_BYTES_PER_LOGIT
-    full_logits = tokens_gpu * vocab_shard * _HEAD_BYTES_PER_LOGIT
-    reference = params * weight_bytes if online_reference else 0.0
-
-    est = MemoryEstimate(weights=params * weight_bytes, gradients=params * grad_bytes,
-                         optimizer=params * optim_bytes / shard, activations=activations, lm_head=lm_head,
-                         reference=reference, overhead=0.0, full_logits_alternative=full_logits,
-                         params_per_gpu=params, tokens_per_microbatch_per_gpu=tokens_gpu, layers_held=layers_held,
-                         notes=notes)
-    est.overhead = _OVERHEAD_FIXED_BYTES + _OVERHEAD_FRACTION * est.total
-    return est
+    tokens_gpu = tokens_mb // parallel.cp
+    floor_mode = "none" if recompute == "none" else "full"
+    per_token_layer = activation_bytes_per_token_per_layer(preset, parallel, act_bytes, floor_mode)
+    layers_held = preset.num_layers // parallel.pp * min(parallel.pp, num_microbatches)
+    return MemoryEstimate(weights=params * weight_bytes, gradients=params * grad_bytes,
+                          optimizer=params * optim_bytes / shard, activations=per_token_layer * tokens_gpu * layers_held,
+                          params_per_gpu=params, tokens_per_microbatch_per_gpu=tokens_gpu, layers_held=layers_held,
+                          notes=notes)
 
 
-def suggestions(est: MemoryEstimate, parallel: ParallelConfig, gpu_memory_bytes: float, recompute: str,
-                distributed_optimizer: bool, gpus_per_node: int) -> list[str]:
-    """What to change when the estimate does not fit (most effective first)."""
-    if est.total <= gpu_memory_bytes:
-        return []
-    tips = []
-    if recompute != "full" and est.activations > 0.3 * est.total:
-        tips.append("model.recompute=full (keeps one hidden state per layer instead of all activations)")
-    if est.activations > 0.3 * est.total:
-        tips.append(f"parallel.cp={parallel.cp * 2} (halves the tokens per GPU; needs 2x the GPUs)")
-    if not distributed_optimizer and est.optimizer > 0.2 * est.total:
-        tips.append("train.distributed_optimizer=true (shards fp32 master weights and Adam states over dp*cp)")
-    if parallel.tp * 2 <= gpus_per_node and est.weights + est.gradients + est.optimizer > 0.4 * est.total:
-        tips.append(f"parallel.tp={parallel.tp * 2} (splits weights, gradients and optimizer state further)")
-    if not tips:
-        tips.append("more GPUs per model replica (tp, pp or cp) or a shorter long context")
-    return tips
+estimate_memory = memory_lower_bound
+"""Former name (the analytical estimate it replaced is gone: the dry run gives the one answer)."""
 
 
 def format_estimate(est: MemoryEstimate, gpu_memory_bytes: float, params_dtype: str, recompute: str,
                     distributed_optimizer: bool, shard: int) -> Sequence[str]:
-    """The per-GPU breakdown as aligned text lines (GiB)."""
+    """The lower bound's terms as aligned text lines (GiB)."""
     gib = est.as_gib()
     mixed = params_dtype in ("bf16", "fp16")
     rows = [
@@ -228,20 +176,15 @@ def format_estimate(est: MemoryEstimate, gpu_memory_bytes: float, params_dtype: 
         (f"gradients ({'fp32 main grads' if mixed else 'fp32'})", gib["gradients"]),
         (f"optimizer ({'fp32 master + ' if mixed else ''}Adam m, v"
          + (f"; distributed over dp*cp={shard})" if distributed_optimizer else "; not sharded)"), gib["optimizer"]),
-        ((f"activations (recompute={recompute}, {est.tokens_per_microbatch_per_gpu} tokens/GPU/micro-batch, "
-          f"{est.layers_held:g} layer-micro-batches held)"), gib["activations"]),
-        ("LM head at response positions only", gib["lm_head"]),
-        ("reference model (online frozen copy)" if est.reference else "reference model (none in memory)",
-         gib["reference"]),
-        ("runtime overhead (CUDA context, NCCL, fragmentation)", gib["overhead"]),
+        ((f"saved activations, floor (recompute={recompute}, {est.tokens_per_microbatch_per_gpu} tokens/GPU/"
+          f"micro-batch, {est.layers_held:g} layer-micro-batches held)"), gib["activations"]),
     ]
     width = max(len(r[0]) for r in rows)
     lines = [f"  {name:<{width}}  {value:8.2f} GiB" for name, value in rows]
     total = est.total
-    verdict = "fits" if total <= gpu_memory_bytes else "DOES NOT FIT"
-    lines.append(f"  {'total':<{width}}  {total / GIB:8.2f} GiB of {gpu_memory_bytes / GIB:.0f} GiB -> {verdict} "
-                 f"({100 * total / gpu_memory_bytes:.0f}%)")
-    lines.append(f"  (a full-vocab LM head would need {gib['full_logits_alternative']:.2f} GiB for its logits alone)")
+    verdict = "lower bound fits" if total <= gpu_memory_bytes else "DOES NOT FIT (even the lower bound)"
+    lines.append(f"  {'lower bound total':<{width}}  {total / GIB:8.2f} GiB of {gpu_memory_bytes / GIB:.0f} GiB -> "
+                 f"{verdict}")
     return lines
 
 
@@ -279,17 +222,20 @@ class LayoutPlan:
     num_microbatches: int
     sequences: SequencePlan
     estimate: MemoryEstimate
+    """The analytical LOWER BOUND (memory_lower_bound); the per-GPU figure is the dry run's (plan/)."""
     gpu_memory_bytes: float
     lines: list[str]
-    """The human-readable plan (what tools/plan_layout.py prints)."""
+    """The layout's description (job, layout, model, objective, batch); tools/plan_layout.py adds the dry run."""
 
     @property
     def fits(self) -> bool:
+        """False only when even the lower bound exceeds the GPU memory (necessary, not sufficient: the dry run
+        decides; tools/plan_layout.py)."""
         return self.estimate.total <= self.gpu_memory_bytes
 
 
 def plan_layout(config: ExperimentConfig, preset: ModelPreset, nodes: int, gpus_per_node: int, gpu_memory_gib: float = 80.0) -> LayoutPlan:
-    """Checks that the experiment's parallel section fits the job and estimates per-GPU memory.
+    """Checks that the experiment's parallel section fits the job and bounds per-GPU memory from below.
 
     Raises ValueError naming the problem when the GPU count is not a multiple of tp*pp*cp, the global
     batch does not split over the data-parallel ranks, or the model cannot be split this way.
@@ -307,16 +253,13 @@ def plan_layout(config: ExperimentConfig, preset: ModelPreset, nodes: int, gpus_
     packed = train.layout != "padded"
     online = train.resolve_reference(needs_reference(config.objective)) == "online"
     dtype = model.params_dtype
-    est = estimate_memory(preset, par, world, sequences, micro_batch_pairs=train.micro_batch_pairs,
-                          num_microbatches=num_mb, params_dtype=dtype, recompute=model.recompute,
-                          distributed_optimizer=train.distributed_optimizer, packed=packed, online_reference=online)
+    est = memory_lower_bound(preset, par, world, sequences, micro_batch_pairs=train.micro_batch_pairs,
+                             num_microbatches=num_mb, params_dtype=dtype, recompute=model.recompute,
+                             distributed_optimizer=train.distributed_optimizer, packed=packed)
+    if online:
+        est.notes.append("an online frozen reference copy adds its weights (not in the bound)")
     memory = gpu_memory_gib * GIB
     lines = _plan_lines(config, preset, par, nodes, gpus_per_node, dp, num_mb, sequences, packed)
-    lines.append("per-GPU memory estimate (most loaded pipeline stage):")
-    lines += format_estimate(est, memory, dtype, model.recompute, train.distributed_optimizer, dp * par.cp)
-    lines += [f"  note: {n}" for n in est.notes]
-    tips = suggestions(est, par, memory, model.recompute, train.distributed_optimizer, gpus_per_node)
-    lines += [f"  try: {t}" for t in tips]
     return LayoutPlan(preset, par, nodes, gpus_per_node, dp, num_mb, sequences, est, memory, lines)
 
 

@@ -269,6 +269,47 @@ def test_unsupported_configs_are_errors(change, message):
     assert issubclass(UnsupportedHFConfig, ValueError)
 
 
+# RoPE layouts seen in config.json files: the transformers 4 key, the transformers 5 key, both (a
+# file edited by hand or by two tools), legacy `type`, theta at the top level or inside the dict
+ROPE_LAYOUTS = [
+    {"rope_theta": 500000.0},
+    {},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 250000.0}, "rope_theta": 10000.0},
+    {"rope_parameters": {"rope_type": "default"}, "rope_theta": 123456.0},
+    {"rope_parameters": {"rope_type": "default"},
+     "rope_scaling": {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 2048}},
+    {"rope_parameters": {"rope_type": "default", "rope_theta": 500000.0}, "rope_scaling": None},
+    {"rope_parameters": {**LLAMA31_8B_V4["rope_scaling"]}, "rope_scaling": {}},
+    {"rope_scaling": {"type": "linear", "factor": 2.0}, "rope_theta": 700000.0},
+    {"rope_scaling": {**LLAMA31_8B_V4["rope_scaling"]}, "rope_theta": 500000.0,
+     "rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}},
+]
+
+
+@pytest.mark.parametrize("layout", ROPE_LAYOUTS, ids=range(len(ROPE_LAYOUTS)))
+def test_rope_parameters_resolve_as_transformers_does(layout):
+    import copy
+
+    from transformers import LlamaConfig
+
+    from megatron_solopo.convert.presets_from_hf import hf_rope_parameters
+
+    base = {k: v for k, v in LLAMA31_8B_V4.items() if k not in ("rope_theta", "rope_scaling")}
+    config = {**base, "max_position_embeddings": 131072, **layout}
+    ours = hf_rope_parameters(copy.deepcopy(config))
+    theirs = dict(LlamaConfig.from_dict(copy.deepcopy(config)).rope_parameters)
+    assert ours == theirs
+
+
+def test_rope_scaling_beside_default_rope_parameters_is_not_plain_rope():
+    # transformers reads this file as YaRN: converting it as plain RoPE would change the model silently
+    config = {k: v for k, v in LLAMA31_8B_V4.items() if k != "rope_scaling"}
+    config["rope_parameters"] = {"rope_type": "default", "rope_theta": 500000.0}
+    config["rope_scaling"] = {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 8192}
+    with pytest.raises(UnsupportedHFConfig, match="'yarn' is not implemented"):
+        infer_preset_from_hf(config)
+
+
 def test_docs_list_every_mapping():
     import pathlib
 

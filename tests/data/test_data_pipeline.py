@@ -167,6 +167,7 @@ def test_build_data_command(tiny_model_dir, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "pairs:" in out and "from 12 questions" in out
     assert list((tmp_path / "cache").glob("tokenized-*/data.arrow"))
-    bad = parser.parse_args(["--config", str(yaml_path), "data.pair_strategy=best"])
-    assert commands.run(bad) == 2
+    from megatron_solopo.cli import main
+
+    assert main(["build-data", "--config", str(yaml_path), "data.pair_strategy=best"]) == 2
     assert "pair_strategy" in capsys.readouterr().err

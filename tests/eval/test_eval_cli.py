@@ -78,16 +78,16 @@ def test_eval_without_a_model_says_what_to_pass(capsys):
     assert "give --hf-model DIR or --checkpoint DIR" in capsys.readouterr().err
 
 
-def test_eval_user_errors_exit_1_with_the_fix(tmp_path, capsys):
+def test_eval_user_errors_exit_2_with_the_fix(tmp_path, capsys):
     code = main(["eval", "--no-progress", "--checkpoint", str(tmp_path), "--tokenizer", str(tmp_path),
                  "eval.suites=[short]", "eval.num_samples=1", f"eval.output_dir={tmp_path}"])
-    assert code == 1 and "not a complete checkpoint of this project" in capsys.readouterr().err
+    assert code == 2 and "not a complete checkpoint of this project" in capsys.readouterr().err
     assert not pathlib.Path(tmp_path / "report.json").exists()
     garbled = tmp_path / "garbled"
     garbled.mkdir()
     (garbled / "solopo_checkpoint.json").write_text('{"kind": "trained", "format_version": 2')  # cut short
-    assert main(["eval", "--no-progress", "--checkpoint", str(garbled), f"eval.output_dir={tmp_path}"]) == 1
+    assert main(["eval", "--no-progress", "--checkpoint", str(garbled), f"eval.output_dir={tmp_path}"]) == 2
     err = capsys.readouterr().err
     assert "not valid JSON" in err and str(garbled / "solopo_checkpoint.json") in err
-    assert main(["eval", "--no-progress", "--hf-model", str(tmp_path), "eval.suits=[short]"]) == 1
+    assert main(["eval", "--no-progress", "--hf-model", str(tmp_path), "eval.suits=[short]"]) == 2
     assert "unknown config key(s) eval.suits" in capsys.readouterr().err

@@ -44,8 +44,11 @@ def test_scripts_exist_and_parse():
 
 
 def test_dry_run_prints_layout_and_memory_for_8b_at_128k():
+    # memory is the dry run's (solopo plan, no sequence parallelism on CPU): without recompute the recipe's
+    # TP8 x CP4 rank peaks at ~118 GiB there (an upper bound: SP would lower it), with full recompute ~23 GiB
     result = subprocess.run(["bash", str(ROOT / "examples/slurm/train_multi_node.sbatch"), "--dry-run",
-                             str(RECIPE_8B_128K)], capture_output=True, text=True, check=False, env=_env(), timeout=120)
+                             str(RECIPE_8B_128K), "model.recompute=full"], capture_output=True, text=True,
+                            check=False, env=_env(), timeout=120)
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "job: 4 node(s) x 8 GPUs = 32 GPUs" in out  # the node count of the script's #SBATCH header
@@ -67,10 +70,16 @@ def test_dry_run_prints_layout_and_memory_for_8b_at_128k():
 
 
 FAKE_SRUN = """#!/bin/bash
-# stands in for srun + torchrun + the trainer: waits for the stop file like the trainer's step loop would
+# stands in for srun + torchrun + the trainer: waits for the stop file like the trainer's step loop would,
+# records 75 in $SOLOPO_EXIT_STATUS_FILE as rank 0 does, and exits 1 as torchrun does for a worker's 75
 echo "srun $*" >> "$FAKE_LOG"
+if [ -n "${FAKE_FAIL:-}" ]; then echo "config error" >> "$FAKE_LOG"; exit 1; fi
 for _ in $(seq 600); do
-  if [ -f "$SOLOPO_STOP_FILE" ]; then echo "saved checkpoint, stopping" >> "$FAKE_LOG"; exit 75; fi
+  if [ -f "$SOLOPO_STOP_FILE" ]; then
+    echo "saved checkpoint, stopping" >> "$FAKE_LOG"
+    printf '75\\nstop_file at step 3/9; checkpoint ck/step_000003\\n' > "$SOLOPO_EXIT_STATUS_FILE"
+    exit 1
+  fi
   sleep 0.1
 done
 exit 1
@@ -102,6 +111,27 @@ def test_time_limit_signal_saves_and_requeues(tmp_path):
     assert "saved checkpoint, stopping" in calls and "scontrol requeue 4242" in calls
     job_dir = tmp_path / "logs" / "solopo-train-4242"
     assert (job_dir / "stop-requested").exists() and (job_dir / "attempt-0" / "command.txt").exists()
+    assert "(launcher status 1): requeueing job 4242" in output
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+@pytest.mark.parametrize("script", ["train_single_node.sbatch", "train_multi_node.sbatch"])
+def test_a_failure_is_not_requeued(tmp_path, script):
+    """torchrun's 1 without the trainer's record of 75 is a failure: no requeue, the job fails."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_scontrol = '#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\nif [ "$1" = show ]; then echo node001; fi\n'
+    for name, body in (("srun", FAKE_SRUN), ("scontrol", fake_scontrol)):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    log = tmp_path / "fake.log"
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_FAIL="1", SOLOPO_ROOT=str(tmp_path),
+               SLURM_JOB_ID="4243", SLURM_JOB_NAME="solopo-train", SLURM_JOB_NODELIST="node001",
+               SLURM_JOB_NUM_NODES="1", SLURM_RESTART_COUNT="0")
+    result = subprocess.run(["bash", str(ROOT / "examples/slurm" / script), "recipe.yaml"], env=env,
+                            capture_output=True, text=True, check=False, timeout=60)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "training exited with status 1" in result.stdout and "scontrol requeue" not in log.read_text()
 
 
 # ------------------------------------------------------------------------------------------ memory model
@@ -160,3 +190,90 @@ def test_solo_needs_less_activation_memory_than_long_at_the_same_length():
     assert a.activations / b.activations == pytest.approx((2 * short_len + long_len) / (2 * long_len))
     padded = estimate_memory(preset, ParallelConfig(tp=8), 8, solo, packed=False, **args)
     assert padded.tokens_per_microbatch_per_gpu == 3 * long_len  # padding wastes what packing saves
+
+
+# ------------------------------------------------------------------------------------------ two "nodes" on one host
+FAKE_SRUN_NODES = """#!/bin/bash
+# stands in for `srun --ntasks-per-node=1 [--opts] CMD...` on $SLURM_JOB_NUM_NODES nodes: starts CMD once per
+# "node" on this host (node0, node1, ...; --output's %n is the node), waits for all, exits with the worst status
+output=
+while [ $# -gt 0 ] && [ "${1#--}" != "$1" ]; do
+  case $1 in --output=*) output=${1#--output=} ;; esac
+  shift
+done
+pids=()
+for ((n = 0; n < SLURM_JOB_NUM_NODES; n++)); do
+  SLURM_NODEID=$n "$@" > "${output//%n/node$n}" 2>&1 &
+  pids+=($!)
+done
+worst=0
+for pid in "${pids[@]}"; do
+  while kill -0 "$pid" 2>/dev/null; do wait "$pid" || true; done
+  status=0; wait "$pid" || status=$?
+  [ "$status" -gt "$worst" ] && worst=$status
+done
+exit "$worst"
+"""
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_multi_node_script_two_torchrun_agents_stop_requeue_and_resume(tmp_path):
+    """train_multi_node.sbatch's real launch line, with srun replaced by a stand-in that starts one torchrun
+    agent per "node" on this host (--nnodes 2, c10d rendezvous on the first node, one CPU rank each): the two
+    agents rendezvous, SIGUSR1 makes both ranks stop at the same step with a checkpoint, the script reads rank
+    0's 75 behind the launcher's 1 and requeues, and the next attempt resumes from that checkpoint and ends."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    fake_scontrol = '#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\nif [ "$1" = show ]; then echo localhost; fi\n'
+    for name, body in (("srun", FAKE_SRUN_NODES), ("scontrol", fake_scontrol)):
+        (bin_dir / name).write_text(body)
+        (bin_dir / name).chmod(0o755)
+    log, run_dir, sample = tmp_path / "fake.log", tmp_path / "run", ROOT / "megatron_solopo" / "resources" / "sample"
+    python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
+    overrides = [f"model.tokenizer={sample / 'tokenizer'}", f"data.pairs_path={sample / 'pairs.jsonl'}",
+                 f"data.cache_dir={tmp_path / 'cache'}", f"train.output_dir={run_dir}", "train.steps=12",
+                 "train.save_every=0"]
+    job_dir = tmp_path / "logs" / "solopo-train-4244"
+
+    def attempt(restart: int, signal_after_step: int | None) -> str:
+        env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), SOLOPO_ROOT=str(tmp_path),
+                   SLURM_JOB_ID="4244", SLURM_JOB_NAME="solopo-train", SLURM_JOB_NODELIST="node[0-1]",
+                   SLURM_JOB_NUM_NODES="2", SLURM_RESTART_COUNT=str(restart), GPUS_PER_NODE="1",
+                   MASTER_PORT=str(_free_port()), PYTHONPATH=python_path, CUDA_VISIBLE_DEVICES="")
+        proc = subprocess.Popen(["bash", str(ROOT / "examples/slurm/train_multi_node.sbatch"),
+                                 str(ROOT / "examples/configs/tiny_cpu.yaml"), *overrides], env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        if signal_after_step is not None:
+            deadline = time.time() + 300
+            metrics = run_dir / "metrics.jsonl"
+            while not (metrics.exists() and metrics.read_text().count('"step"') >= signal_after_step):
+                assert proc.poll() is None and time.time() < deadline, (proc.poll(), proc.stdout.read()
+                                                                         if proc.poll() is not None else "")
+                time.sleep(0.3)
+            proc.send_signal(signal.SIGUSR1)
+        output, _ = proc.communicate(timeout=600)
+        attempt_dir = job_dir / f"attempt-{restart}"
+        logs = "\n".join(p.read_text(errors="replace") for p in sorted(attempt_dir.glob("node-*.log")))
+        assert proc.returncode == 0, f"{output}\n{logs[-6000:]}"
+        return output + logs
+
+    first = attempt(0, signal_after_step=2)
+    status = (job_dir / "attempt-0" / "trainer-exit-status").read_text().split("\n")
+    assert status[0] == "75" and status[1].startswith("stop_file at step "), status
+    stop_step = int(status[1].split("step ")[1].split("/")[0])
+    assert "(launcher status 1): requeueing job 4244" in first and "scontrol requeue 4244" in log.read_text()
+    assert "on 2 node(s)" in first and "dp=2" in first, first[-6000:]  # two agents, one rank each, one group
+
+    second = attempt(1, signal_after_step=None)
+    assert f"resuming from {run_dir / 'checkpoints' / f'step_{stop_step:06d}'} (step {stop_step})" in second, second[-6000:]
+    assert (job_dir / "attempt-1" / "trainer-exit-status").read_text().startswith("0\nfinished at step 12/12")
+    assert "training exited with status 0" in second and log.read_text().count("scontrol requeue") == 1

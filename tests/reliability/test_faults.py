@@ -145,7 +145,7 @@ def test_divergence_never_becomes_a_checkpoint_and_the_printed_command_continues
     # warmup 1: step 1 trains at lr 0 (a sane checkpoint), step 2 applies lr=1e30
     result = _train(out, cache, "train.lr=1.0e+30", "train.save_every=1", "train.steps=4", "train.warmup_steps=1",
                     "train.keep_last=0")
-    assert result.returncode == 1, result.stderr[-3000:]
+    assert result.returncode == 2, result.stderr[-3000:]
     line = _error_line(result)
     good = out / "checkpoints" / "step_000001"
     assert "step 2" in line and "train.max_param_norm_growth" in line and str(good) in line
@@ -205,7 +205,7 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_an_explicitly_named_one(b
     before = _tree_hash(out)
     bad = out / "checkpoints" / "step_000003"
     refused = _train(out, cache, f"train.resume={bad}", "train.steps=3")
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     line = _error_line(refused)
     assert str(bad) in line and str(out / "checkpoints" / "step_000002") in line and ".distcp" in line
     assert _tree_hash(out) == before
@@ -237,13 +237,13 @@ def test_another_objective_in_the_same_output_dir_is_refused_and_force_continues
     out = _copy(run, root / "reused")
     before = _tree_hash(out)
     refused = _train(out, cache, "objective.alpha=2.0", "train.steps=4", "train.keep_last=1")
-    assert refused.returncode == 1
+    assert refused.returncode == 2
     line = _error_line(refused)
     assert "objective.alpha" in line and "train.resume=force" in line and "step_000003" in line
     assert _tree_hash(out) == before  # nothing written, nothing pruned, no lock left behind
 
     batch = _train(out, cache, "train.steps=4", "train.keep_last=1", "train.global_batch_pairs=1")
-    assert batch.returncode == 1 and "train.global_batch_pairs" in _error_line(batch)
+    assert batch.returncode == 2 and "train.global_batch_pairs" in _error_line(batch)
     assert _tree_hash(out) == before
 
     forced = _train(out, cache, "objective.alpha=2.0", "train.steps=4", "train.keep_last=0", "train.resume=force")
@@ -307,7 +307,7 @@ def test_a_second_run_into_a_locked_output_dir_refuses(base):
         (out / LOCK_FILE).write_text(json.dumps({"host": socket.gethostname(), "pid": sleeper.pid}))
         before = _tree_hash(out)
         result = _train(out, cache, "train.steps=4")
-        assert result.returncode == 1
+        assert result.returncode == 2
         line = _error_line(result)
         assert str(out / LOCK_FILE) in line and str(sleeper.pid) in line
         assert _tree_hash(out) == before
@@ -336,7 +336,7 @@ def test_fewer_pairs_than_one_global_batch_says_how_many(base):
     root, cache, _ = base
     out = root / "small"
     result = _train(out, cache, "train.steps=2", "train.global_batch_pairs=64")
-    assert result.returncode == 1
+    assert result.returncode == 2
     line = _error_line(result)
     assert "35 preference pairs" in line and "(64)" in line and "train.global_batch_pairs" in line
     assert "data.pairs_path=" in line

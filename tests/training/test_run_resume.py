@@ -37,7 +37,8 @@ def _command(out_dir: pathlib.Path, cache_dir: pathlib.Path, *overrides: str) ->
 
 
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SOLOPO_STOP_FILE")}
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SOLOPO_STOP_FILE", "SOLOPO_EXIT_STATUS_FILE")}
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))  # one thread: bitwise-reproducible CPU reductions
     return env
 
@@ -55,7 +56,9 @@ def runs(tmp_path_factory):
     started = time.perf_counter()
     a = subprocess.Popen(_command(a_dir, cache, "train.tensorboard=true"), cwd=REPO, env=_env(),
                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    b1 = subprocess.run(_command(b_dir, cache, "train.max_steps_per_run=2"), check=False, cwd=REPO, env=_env(),
+    # rank 0 records its exit status where $SOLOPO_EXIT_STATUS_FILE says (the SLURM scripts read it)
+    b1 = subprocess.run(_command(b_dir, cache, "train.max_steps_per_run=2"), check=False, cwd=REPO,
+                        env={**_env(), "SOLOPO_EXIT_STATUS_FILE": str(root / "b1" / "exit-status")},
                         capture_output=True, text=True, timeout=600)
     a_out, _ = a.communicate(timeout=600)
     a_seconds = time.perf_counter() - started
@@ -65,7 +68,8 @@ def runs(tmp_path_factory):
     (b_dir / "checkpoints" / "step_000003" / "metadata.json").write_text("{}")
     b2 = subprocess.run(_command(b_dir, cache), check=False, cwd=REPO, env=_env(), capture_output=True, text=True,
                         timeout=600)
-    return {"a": (a.returncode, a_out), "a_seconds": a_seconds, "b1": b1, "b2": b2, "a_dir": a_dir, "b_dir": b_dir}
+    return {"a": (a.returncode, a_out), "a_seconds": a_seconds, "b1": b1, "b2": b2, "a_dir": a_dir, "b_dir": b_dir,
+            "b1_status_file": root / "b1" / "exit-status"}
 
 
 def test_tiny_run_finishes_on_cpu(runs):
@@ -100,6 +104,8 @@ def test_interrupted_run_exits_resumable_with_a_checkpoint(runs):
     assert (ckpt / "hf_assets" / "tokenizer.json").is_file()  # usable as model.checkpoint (tokenizer)
     marker = json.loads((ckpt / "solopo_checkpoint.json").read_text())
     assert marker["preset"]["name"] == "tiny" and marker["step"] == 2
+    status = runs["b1_status_file"].read_text().splitlines()
+    assert status == ["75", f"max_steps_per_run at step 2/{STEPS}; checkpoint {ckpt}"], status
 
 
 def test_resumed_run_matches_uninterrupted_run_exactly(runs):
