@@ -16,6 +16,7 @@ import dataclasses
 import json
 import sys
 
+from megatron_solopo.console import UserError
 from megatron_solopo.plan.dry_run import PlanSpec, parse_tokens, plan_step
 from megatron_solopo.plan.memory import GIB
 from megatron_solopo.plan.search import Assumptions, scaled_plan, search_layouts
@@ -61,6 +62,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    """One plan, a search or the smallest layout; exit 0, 3 when nothing fits, 2 on a user error (the
+    ValueErrors reach `solopo`'s one-line handler; what the dry run cannot trace yet is one line too)."""
+    from megatron_solopo.console import report_error
+
+    try:
+        return _run(args)
+    except NotImplementedError as err:  # e.g. PP > 1: the reason and what to use instead
+        return report_error("plan", err)
+
+
+def _run(args: argparse.Namespace) -> int:
     if args.gpus is not None or args.smallest:
         return _search(args)
     if args.recompute is None:
@@ -73,13 +85,8 @@ def run(args: argparse.Namespace) -> int:
                     distributed_optimizer=args.distributed_optimizer, stage=args.stage)
     if args.scaled:
         if args.real:
-            print("solopo plan: --scaled is a fake-tensor dry run; drop --real", file=sys.stderr)
-            return 2
-        try:
-            scaled = scaled_plan(spec)
-        except (ValueError, NotImplementedError) as err:
-            print(f"solopo plan: {err}", file=sys.stderr)
-            return 2
+            raise UserError("--scaled is a fake-tensor dry run; drop --real")
+        scaled = scaled_plan(spec)
         print(f"dry run (fake tensors) at {scaled.layers[0]} and {scaled.layers[1]} layers, extrapolated to the "
               f"full depth: {spec.preset}, tp={spec.tp} cp={spec.cp} dp={spec.dp}, recompute={spec.recompute}, "
               f"mode={spec.mode}, short={spec.short_tokens} long={spec.long_tokens} response={spec.response_tokens}")
@@ -91,11 +98,7 @@ def run(args: argparse.Namespace) -> int:
             with open(args.json, "w") as handle:
                 json.dump({"spec": vars(spec), "scaled": dataclasses.asdict(scaled)}, handle, indent=2)
         return 0
-    try:
-        result = plan_step(spec, fake=not args.real)
-    except (ValueError, NotImplementedError) as err:
-        print(f"solopo plan: {err}", file=sys.stderr)
-        return 2
+    result = plan_step(spec, fake=not args.real)
     print("\n".join(result.lines()))
     if args.json:
         with open(args.json, "w") as handle:
@@ -107,8 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
 def _search(args: argparse.Namespace) -> int:
     if any(getattr(args, name) != 1 for name in ("tp", "pp", "cp", "dp")) or args.real:
-        print("solopo plan: --gpus searches the layout; drop --tp/--pp/--cp/--dp/--real", file=sys.stderr)
-        return 2
+        raise UserError("--gpus searches the layout; drop --tp/--pp/--cp/--dp/--real")
     spec = PlanSpec(preset=args.preset, short_tokens=parse_tokens(args.short), long_tokens=parse_tokens(args.long),
                     response_tokens=parse_tokens(args.response), mode=args.mode, objective=args.objective,
                     params_dtype=args.dtype, micro_batch_pairs=args.micro_batch_pairs,
@@ -117,15 +119,10 @@ def _search(args: argparse.Namespace) -> int:
     recomputes = (args.recompute,) if args.recompute else ("none", "full")
     if args.smallest:
         if args.gpus is not None:
-            print("solopo plan: --smallest finds the GPU count; drop --gpus", file=sys.stderr)
-            return 2
+            raise UserError("--smallest finds the GPU count; drop --gpus")
         return _smallest(args, spec, assumptions, recomputes)
-    try:
-        result = search_layouts(spec, args.gpus, args.gpu_memory_gib, assumptions, recomputes, top=args.top,
-                                config=args.config, log=lambda line: print(line, file=sys.stderr, flush=True))
-    except (ValueError, NotImplementedError) as err:
-        print(f"solopo plan: {err}", file=sys.stderr)
-        return 2
+    result = search_layouts(spec, args.gpus, args.gpu_memory_gib, assumptions, recomputes, top=args.top,
+                            config=args.config, log=lambda line: print(line, file=sys.stderr, flush=True))
     print("\n".join(result.lines()))
     if args.json:
         with open(args.json, "w") as handle:

@@ -352,6 +352,20 @@ def _dominates(failed: Candidate, other: Candidate) -> bool:
             and RECOMPUTE_ORDER[other.recompute] <= RECOMPUTE_ORDER[failed.recompute])
 
 
+def _dry_run(spec: PlanSpec, c: Candidate, log=None) -> tuple[ScaledPlan, bool]:
+    """(layer-scaled dry run of `spec` as rank 0 of candidate `c`, whether it came from the cache). DP only
+    changes the rank's memory with the distributed optimizer, so other DP sizes share one run."""
+    run_spec = dataclasses.replace(spec, tp=c.tp, cp=c.cp, pp=1, sequence_parallel=False, recompute=c.recompute,
+                                   dp=c.dp if spec.distributed_optimizer else 1, stage="first", num_layers=None)
+    key = tuple(sorted(dataclasses.asdict(run_spec).items()))
+    cached = key in _CACHE
+    if not cached:
+        _CACHE[key] = scaled_plan(run_spec)
+        if log:
+            log(f"  dry run {c.label}: {_CACHE[key].peak_gib:.2f} GiB ({_CACHE[key].seconds:.0f} s)")
+    return _CACHE[key], cached
+
+
 def search_layouts(spec: PlanSpec, gpus: int, gpu_memory_gib: float, assumptions: Assumptions = Assumptions(),
                    recomputes: tuple[str, ...] = ("none", "full"), top: int = 5, config: str = "CONFIG.yaml",
                    log=None) -> SearchResult:
@@ -364,7 +378,6 @@ def search_layouts(spec: PlanSpec, gpus: int, gpu_memory_gib: float, assumptions
     rows = [Row(c, memory_lower_bound(spec, c), project_time(spec, c, assumptions))
             for c in candidates(spec, gpus, recomputes, assumptions.gpus_per_node)]
     rows.sort(key=lambda r: (r.projection.job_s_per_pair, r.candidate.tp))
-    cache = _CACHE
     dry_runs = hits = found = 0
     failed: list[Candidate] = []
     for row in rows:
@@ -379,18 +392,8 @@ def search_layouts(spec: PlanSpec, gpus: int, gpu_memory_gib: float, assumptions
         if top and found >= top:
             row.status = "not dry-run (search stopped)"
             continue
-        run_spec = dataclasses.replace(spec, tp=c.tp, cp=c.cp, pp=1, sequence_parallel=False,
-                                       recompute=c.recompute, dp=c.dp if spec.distributed_optimizer else 1,
-                                       stage="first", num_layers=None)
-        key = tuple(sorted(dataclasses.asdict(run_spec).items()))
-        if key in cache:
-            hits += 1
-        else:
-            cache[key] = scaled_plan(run_spec)
-            dry_runs += 1
-            if log:
-                log(f"  dry run {c.label}: {cache[key].peak_gib:.2f} GiB ({cache[key].seconds:.0f} s)")
-        row.plan = cache[key]
+        row.plan, cached = _dry_run(spec, c, log)
+        hits, dry_runs = hits + cached, dry_runs + (not cached)
         row.projection = project_time(spec, c, assumptions, row.plan.persistent_bytes.get("gradients (DDP buffer)"))
         if row.plan.peak_bytes <= usable:
             row.status = "fits"
@@ -418,14 +421,7 @@ def smallest_layout(spec: PlanSpec, gpu_memory_gib: float, recompute: str, assum
             if row.lower_bound > usable:
                 continue
             c = row.candidate
-            run_spec = dataclasses.replace(spec, tp=c.tp, cp=c.cp, pp=1, dp=1, sequence_parallel=False,
-                                           recompute=recompute, stage="first", num_layers=None)
-            key = tuple(sorted(dataclasses.asdict(run_spec).items()))
-            if key not in _CACHE:
-                _CACHE[key] = scaled_plan(run_spec)
-                if log:
-                    log(f"  dry run {c.label}: {_CACHE[key].peak_gib:.2f} GiB ({_CACHE[key].seconds:.0f} s)")
-            row.plan = _CACHE[key]
+            row.plan, _ = _dry_run(spec, c, log)
             row.projection = project_time(spec, c, assumptions, row.plan.persistent_bytes.get("gradients (DDP buffer)"))
             if row.plan.peak_bytes <= usable:
                 row.status = "fits"
