@@ -86,14 +86,20 @@ exit 1
 """
 
 
-@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
-def test_time_limit_signal_saves_and_requeues(tmp_path):
+def _fake_slurm_bin(tmp_path, fake_srun: str, node: str):
+    """A bin/ directory with stand-ins for srun and scontrol (scontrol logs its calls; `show` names `node`)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    fake_scontrol = '#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\nif [ "$1" = show ]; then echo node001; fi\n'
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", fake_scontrol)):
+    fake_scontrol = f'#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\nif [ "$1" = show ]; then echo {node}; fi\n'
+    for name, body in (("srun", fake_srun), ("scontrol", fake_scontrol)):
         (bin_dir / name).write_text(body)
         (bin_dir / name).chmod(0o755)
+    return bin_dir
+
+
+@pytest.mark.skipif(shutil.which("bash") is None, reason="needs bash")
+def test_time_limit_signal_saves_and_requeues(tmp_path):
+    bin_dir = _fake_slurm_bin(tmp_path, FAKE_SRUN, "node001")
     log = tmp_path / "fake.log"
     env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), SOLOPO_ROOT=str(tmp_path),
                SLURM_JOB_ID="4242", SLURM_JOB_NAME="solopo-train", SLURM_JOB_NODELIST="node001",
@@ -118,12 +124,7 @@ def test_time_limit_signal_saves_and_requeues(tmp_path):
 @pytest.mark.parametrize("script", ["train_single_node.sbatch", "train_multi_node.sbatch"])
 def test_a_failure_is_not_requeued(tmp_path, script):
     """torchrun's 1 without the trainer's record of 75 is a failure: no requeue, the job fails."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_scontrol = '#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\nif [ "$1" = show ]; then echo node001; fi\n'
-    for name, body in (("srun", FAKE_SRUN), ("scontrol", fake_scontrol)):
-        (bin_dir / name).write_text(body)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = _fake_slurm_bin(tmp_path, FAKE_SRUN, "node001")
     log = tmp_path / "fake.log"
     env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", FAKE_LOG=str(log), FAKE_FAIL="1", SOLOPO_ROOT=str(tmp_path),
                SLURM_JOB_ID="4243", SLURM_JOB_NAME="solopo-train", SLURM_JOB_NODELIST="node001",
@@ -231,12 +232,7 @@ def test_multi_node_script_two_torchrun_agents_stop_requeue_and_resume(tmp_path)
     agent per "node" on this host (--nnodes 2, c10d rendezvous on the first node, one CPU rank each): the two
     agents rendezvous, SIGUSR1 makes both ranks stop at the same step with a checkpoint, the script reads rank
     0's 75 behind the launcher's 1 and requeues, and the next attempt resumes from that checkpoint and ends."""
-    bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    fake_scontrol = '#!/bin/bash\necho "scontrol $*" >> "$FAKE_LOG"\nif [ "$1" = show ]; then echo localhost; fi\n'
-    for name, body in (("srun", FAKE_SRUN_NODES), ("scontrol", fake_scontrol)):
-        (bin_dir / name).write_text(body)
-        (bin_dir / name).chmod(0o755)
+    bin_dir = _fake_slurm_bin(tmp_path, FAKE_SRUN_NODES, "localhost")
     log, run_dir, sample = tmp_path / "fake.log", tmp_path / "run", ROOT / "megatron_solopo" / "resources" / "sample"
     python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     overrides = [f"model.tokenizer={sample / 'tokenizer'}", f"data.pairs_path={sample / 'pairs.jsonl'}",
