@@ -60,8 +60,10 @@ def describe_error(err: BaseException) -> str:
 
 
 def launcher_rank() -> int:
-    """This process's global rank as torchrun (RANK) or srun (SLURM_PROCID) set it; 0 when launched alone."""
-    return int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")))
+    """This process's global rank as torchrun or srun set it (parallel.distributed.read_launch_env); 0 alone."""
+    from megatron_solopo.parallel.distributed import read_launch_env  # torch: only when an error is reported
+
+    return read_launch_env().rank
 
 
 def report_error(command: str, err: BaseException, stream=None) -> int:
