@@ -209,6 +209,23 @@ def publish(run_dir: pathlib.Path, experiment: QualityExperimentConfig, out_dir:
         if metrics.is_file():
             (out_dir / "train").mkdir(exist_ok=True)
             shutil.copy2(metrics, out_dir / "train" / f"{arm}.metrics.jsonl")
+    _strip_local_paths(out_dir, run_dir)
+
+
+def _strip_local_paths(out_dir: pathlib.Path, run_dir: pathlib.Path) -> None:
+    """Published files are committed: paths of this machine (run dir, repository, home with the model
+    cache) become `<run_dir>`, `<repo>` and `~` in every text file of `out_dir`."""
+    repo = pathlib.Path(__file__).resolve().parents[2]
+    prefixes = sorted({str(run_dir.resolve()): "<run_dir>", str(repo): "<repo>", str(pathlib.Path.home()): "~"}.items(),
+                      key=lambda item: -len(item[0]))  # the longest first: the run dir lies inside the repo
+    for path in out_dir.rglob("*"):
+        if path.suffix not in (".json", ".jsonl", ".yaml", ".md") or not path.is_file():
+            continue
+        text = original = path.read_text(encoding="utf-8")
+        for prefix, placeholder in prefixes:
+            text = text.replace(prefix, placeholder)
+        if text != original:
+            path.write_text(text, encoding="utf-8")
 
 
 def run(args: argparse.Namespace) -> int:

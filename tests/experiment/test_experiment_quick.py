@@ -60,6 +60,9 @@ def test_quick_experiment_runs_every_stage_and_resumes(tiny_experiment, tmp_path
     assert train_long["data"]["sample_on"] == "long" and train_long["objective"]["mode"] == "long"
     published = tmp_path / "published"
     assert (published / "table.md").is_file() and (published / "eval" / "base.json").is_file()
+    texts = [f.read_text() for f in published.rglob("*") if f.suffix in (".json", ".jsonl", ".yaml", ".md")]
+    assert not any(str(run_dir.resolve()) in text for text in texts)  # committed files: no paths of this machine
+    assert any("<run_dir>" in text for text in texts)
 
     second = _run(tiny_experiment, run_dir)
     assert second.returncode == 0, second.stderr[-3000:]
