@@ -224,3 +224,16 @@ def manual_reference(samples: list, objective, tp: int = 1, preset: str = "tiny"
         named.update(global_param_names(chunk))
     grads = {name: -param.grad.detach().clone() for name, param in named.items()}
     return {"loss": float(loss), "update": local_shards(chunks, grads)}
+
+
+def run_timed(runs: dict) -> dict:
+    """{name: runs[name]()} in order, plus "seconds": {name: wall seconds} (printed by the tests)."""
+    import time
+
+    results, seconds = {}, {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        results[name] = run()
+        seconds[name] = round(time.perf_counter() - start, 2)
+    results["seconds"] = seconds
+    return results

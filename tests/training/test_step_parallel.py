@@ -15,7 +15,7 @@ import math
 import pytest
 import torch
 from dist_utils import run_distributed
-from step_helpers import (assemble, build_layout, make_samples, manual_reference, train_layout,
+from step_helpers import (assemble, build_layout, make_samples, manual_reference, run_timed, train_layout,
                           with_synthetic_reference_logps)
 
 NUM_PAIRS = 4
@@ -109,8 +109,6 @@ def _sequence_parallel_head():
 
 
 def _worker(rank, world_size):
-    import time
-
     runs = {
         "reference": _manual_reference,
         "tp2_mb4x1": lambda: _train_layout(2, 1, 1, "sdpa", "packed", micro_batch_pairs=4),
@@ -130,13 +128,7 @@ def _worker(rank, world_size):
         "anchor": _dpo_anchor_at_cp2,
         "sp_head": _sequence_parallel_head,
     }
-    results, seconds = {}, {}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        results[name] = run()
-        seconds[name] = round(time.perf_counter() - start, 2)
-    results["seconds"] = seconds
-    return results
+    return run_timed(runs)
 
 
 @pytest.fixture(scope="module")

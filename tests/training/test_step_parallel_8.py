@@ -11,7 +11,8 @@ objective on an unwrapped TP=1 model over all pairs.
 import pytest
 import torch
 from dist_utils import run_distributed
-from step_helpers import assemble, make_samples, manual_reference, train_layout, with_synthetic_reference_logps
+from step_helpers import (assemble, make_samples, manual_reference, run_timed, train_layout,
+                          with_synthetic_reference_logps)
 
 WORLD = 8
 NUM_PAIRS = 4
@@ -30,8 +31,6 @@ def _objective():
 
 
 def _worker(rank, world_size):
-    import time
-
     samples, objective = _samples(), _objective()
     runs = {
         "reference": lambda: manual_reference(samples, objective, tp=1),
@@ -39,13 +38,7 @@ def _worker(rank, world_size):
         "cp8_padded": lambda: train_layout(samples, objective, 1, 1, 8, "sdpa", "padded", micro_batch_pairs=4),
         "cp2_tp2_pp2": lambda: train_layout(samples, objective, 2, 2, 2, "sdpa", "packed", micro_batch_pairs=1),
     }
-    results, seconds = {}, {}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        results[name] = run()
-        seconds[name] = round(time.perf_counter() - start, 2)
-    results["seconds"] = seconds
-    return results
+    return run_timed(runs)
 
 
 @pytest.fixture(scope="module")
