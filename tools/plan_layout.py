@@ -7,9 +7,11 @@
 The memory is `solopo plan`'s: the real training step of rank 0 of the layout, run on fake tensors in this
 one CPU process at 2 and 4 layers and extrapolated to the model's depth (megatron_solopo/plan/, exact:
 docs/scaling.md). A layout fits when that peak is at most 90% of --gpu-memory-gib (the rest is kept for what
-the dry run does not count: CUDA context, NCCL, allocator fragmentation). With pipeline parallelism (not
-supported by the dry run yet) only the analytical lower bound (training/memory_estimate.py) is printed,
-labelled as such. Exit status 0 when it fits, 3 when it does not, 2 for a config error (message on stderr).
+the dry run does not count: CUDA context, NCCL, allocator fragmentation). With pipeline parallelism both
+the first stage (which holds the most micro-batches in flight) and the last (which holds the LM head) are
+planned, and the larger peak decides. Where the dry run cannot plan a config (padded layout, another
+objective mode) only the analytical lower bound (training/memory_estimate.py) is printed, labelled as such.
+Exit status 0 when it fits, 3 when it does not, 2 for a config error (message on stderr).
 Needs only the package's Python dependencies (no GPU, no process group), so it runs on a login node
 (~20-40 s for an 8B model).
 """
@@ -17,6 +19,7 @@ Needs only the package's Python dependencies (no GPU, no process group), so it r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -43,15 +46,16 @@ def _preset_for(config: ExperimentConfig, name: str | None):
     return resolve_preset(config.model)
 
 
-def _dry_run_spec(config: ExperimentConfig, preset, dp: int):
-    """The PlanSpec of rank 0 of this config's layout (None + the reason when the dry run cannot plan it)."""
+def _dry_run_spec(config: ExperimentConfig, preset, dp: int, num_microbatches: int):
+    """The PlanSpec of rank 0 of this config's layout (None + the reason when the dry run cannot plan it).
+
+    With PP, the micro-batches planned are the step's, at most 2 x pp x vpp: the schedule's warm-up keeps at
+    most pp (interleaved: about 2 x pp x vpp) of them in flight, so more do not raise the peak."""
     from megatron_solopo.objectives import needs_reference
     from megatron_solopo.plan import PlanSpec
     from megatron_solopo.training.memory_estimate import sequence_plan_from_config
 
     par, train, model, objective = config.parallel, config.train, config.model, config.objective
-    if par.pp > 1:
-        return None, "pipeline parallelism: the dry run does not support PP yet (docs/scaling.md)"
     if objective.mode not in ("solo", "long", "expand_long"):
         return None, f"objective.mode={objective.mode}: the dry run plans solo and long-context pairs only"
     if train.layout == "padded":
@@ -62,11 +66,13 @@ def _dry_run_spec(config: ExperimentConfig, preset, dp: int):
     long = max(t for n, t in lengths.items() if n.startswith("long")) - response
     short = max((t for n, t in lengths.items() if n.startswith("short")), default=response + 1) - response
     name = "orpo" if needs_reference(objective) else objective.name  # reference log-probs: per-pair scalars
-    spec = PlanSpec(preset=preset.name, tp=par.tp, cp=par.cp, dp=dp if train.distributed_optimizer else 1,
+    microbatches = 1 if par.pp == 1 else min(num_microbatches, 2 * par.pp * (par.virtual_pp or 1))
+    spec = PlanSpec(preset=preset.name, tp=par.tp, pp=par.pp, virtual_pp=par.virtual_pp, cp=par.cp,
+                    sequence_parallel=par.sequence_parallel, dp=dp if train.distributed_optimizer else 1,
                     short_tokens=short, long_tokens=long, response_tokens=response,
                     mode="solo" if objective.mode == "solo" else "long", objective=name,
                     recompute=model.recompute, params_dtype=model.params_dtype,
-                    micro_batch_pairs=train.micro_batch_pairs, num_microbatches=1,
+                    micro_batch_pairs=train.micro_batch_pairs, num_microbatches=microbatches,
                     distributed_optimizer=train.distributed_optimizer)
     return spec, None
 
@@ -87,12 +93,16 @@ def _memory_lines(plan, spec, reason, gpu_memory_gib: float, config: ExperimentC
             lines += [f"  try: {t}" for t in _tips(config, plan.estimate.activations / plan.estimate.total, plan)]
         return lines, fits
     reserve = Assumptions().reserve_fraction
-    result = scaled_plan(spec)
+    stages = [scaled_plan(spec)]
+    if spec.pp > 1:
+        stages.append(scaled_plan(dataclasses.replace(spec, stage="last")))
+    result = max(stages, key=lambda stage: stage.peak_bytes)
+    which = "" if spec.pp == 1 else f", {'first' if result is stages[0] else 'last'} pipeline stage (the larger)"
     usable = memory * (1 - reserve)
     rows = [(name, value) for name, value in result.persistent_bytes.items()]
     rows.append(("activations+temporaries (incl. the LM head, response positions only)", result.activations_bytes))
     width = max(len(name) for name, _ in rows)
-    lines = ["per-GPU memory: dry run of one training step (rank 0, fake tensors; solopo plan, docs/scaling.md):"]
+    lines = [f"per-GPU memory: dry run of one training step (fake tensors{which}; solopo plan, docs/scaling.md):"]
     lines += [f"  {name:<{width}}  {value / GIB:8.2f} GiB" for name, value in rows]
     fits = result.peak_bytes <= usable
     verdict = "fits" if fits else "DOES NOT FIT"
@@ -100,16 +110,18 @@ def _memory_lines(plan, spec, reason, gpu_memory_gib: float, config: ExperimentC
                  f"{gpu_memory_gib:.0f} GiB ({usable / GIB:.1f} usable: {reserve:.0%} kept for CUDA context, NCCL, "
                  f"fragmentation) -> {verdict}")
     notes = []
-    if config.parallel.sequence_parallel:
-        notes.append("planned without sequence parallelism (the CPU dry run builds the local layer spec); "
-                     "SP only lowers activation memory, so this is an upper bound for the config")
+    if spec.pp > 1:
+        notes.append(f"first stage peak {stages[0].peak_bytes / GIB:.2f} GiB, last stage "
+                     f"{stages[1].peak_bytes / GIB:.2f} GiB ({spec.num_microbatches} micro-batches planned)")
     if spec.objective != config.objective.name:
         notes.append(f"planned with {spec.objective}: {config.objective.name}'s reference log-probs are "
                      "per-pair scalars" + (" (an online reference copy adds its weights)"
                                            if config.train.reference == "online" else ""))
-    notes.append(f"one micro-batch of {spec.micro_batch_pairs} pair(s) planned; at PP=1 the step's "
-                 f"{plan.num_microbatches} micro-batches run one after another with the same peak")
-    notes.append(f"dry run at 2 and 4 layers extrapolated to {plan.preset.num_layers}: {result.seconds:.0f} s")
+    if spec.pp == 1:
+        notes.append(f"one micro-batch of {spec.micro_batch_pairs} pair(s) planned; at PP=1 the step's "
+                     f"{plan.num_microbatches} micro-batches run one after another with the same peak")
+    notes.append(f"dry run at {result.layers[0]} and {result.layers[1]} layers extrapolated to "
+                 f"{plan.preset.num_layers}: {sum(stage.seconds for stage in stages):.0f} s")
     lines += [f"  note: {n}" for n in notes]
     if not fits:
         share = result.activations_bytes / result.peak_bytes
@@ -150,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         config = load_config(args.config, args.overrides)
         preset = _preset_for(config, args.preset)
         plan = plan_layout(config, preset, args.nodes, args.gpus_per_node, args.gpu_memory_gib)
-        spec, reason = _dry_run_spec(config, preset, plan.dp)
+        spec, reason = _dry_run_spec(config, preset, plan.dp, plan.num_microbatches)
     except (ValueError, FileNotFoundError) as err:
         print(f"plan_layout: {err}", file=sys.stderr)
         return 2

@@ -86,6 +86,23 @@ def transformer_config(preset: ModelPreset, parallel: ParallelConfig, model: Mod
     )
 
 
+class TorchRMSNorm(torch.nn.RMSNorm):
+    """torch's RMSNorm for the sdpa and local specs, usable with sequence parallelism.
+
+    Megatron's own fallback (WrappedTorchNorm, used without TE or Apex) refuses sequence parallelism:
+    under it each TP rank normalizes a different slice of the sequence, so the norm weight's gradient
+    is a partial sum. Marking the weight `sequence_parallel` makes Megatron's finalize_model_grads sum
+    it over the TP group, which is all that TE's norm does differently. Without sequence parallelism it
+    is exactly torch.nn.RMSNorm (same parameter name, same values).
+    """
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_megatron_norm_options) -> None:
+        if config.normalization != "RMSNorm":
+            raise ValueError(f"TorchRMSNorm serves RMSNorm models, got normalization={config.normalization!r}")
+        super().__init__(hidden_size, eps=eps)
+        self.weight.sequence_parallel = config.sequence_parallel
+
+
 def layer_spec(backend: str):
     """Transformer layer spec: TE (fused, FP8, CP via TE), sdpa (our core attention) or local."""
     from megatron.core.models.gpt.gpt_layer_specs import (
@@ -96,11 +113,23 @@ def layer_spec(backend: str):
     if backend == "te":
         return get_gpt_layer_with_transformer_engine_spec()
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchRMSNorm
     if backend == "sdpa":
         from megatron_solopo.model.attention import SDPACoreAttention
 
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
+
+
+def block_spec(backend: str, config, vp_stage: int | None, pp_rank: int):
+    """What GPTModel builds its decoder from: TE's layer spec, or for sdpa/local the layers of this
+    (virtual) stage with TorchRMSNorm as the final norm too (Megatron would pick WrappedTorchNorm)."""
+    if backend == "te":
+        return layer_spec(backend)
+    from megatron.core.transformer.transformer_block import TransformerBlockSubmodules, get_num_layers_to_build
+
+    layers = get_num_layers_to_build(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return TransformerBlockSubmodules(layer_specs=[layer_spec(backend)] * layers, layer_norm=TorchRMSNorm)
 
 
 def build_gpt_model(preset: ModelPreset, parallel: ParallelContext | ParallelConfig | None = None,
@@ -132,7 +161,7 @@ def build_gpt_model(preset: ModelPreset, parallel: ParallelContext | ParallelCon
     _silence_gpt_deprecation()
     gpt = GPTModel(
         config=config,
-        transformer_layer_spec=layer_spec(backend),
+        transformer_layer_spec=block_spec(backend, config, vp_stage, context.pp_rank),
         vocab_size=preset.vocab_size,
         max_sequence_length=preset.max_position_embeddings,
         pre_process=context.is_first_stage(vp_stage),

@@ -27,7 +27,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, text in (("tp", "tensor"), ("pp", "pipeline"), ("cp", "context"), ("dp", "data")):
         parser.add_argument(f"--{name}", type=int, default=1, help=f"{text}-parallel size")
     parser.add_argument("--vpp", type=int, default=None, help="virtual pipeline stages per rank (interleaved)")
-    parser.add_argument("--sequence-parallel", action="store_true")
+    parser.add_argument("--sequence-parallel", action=argparse.BooleanOptionalAction, default=None,
+                        help="split the activations outside TP's linears over the TP ranks (default: off for one "
+                             "layout; on wherever TP > 1 in --gpus/--smallest searches)")
     parser.add_argument("--short", default="1K", help="short-context prompt tokens (e.g. 4K)")
     parser.add_argument("--long", default="8K", help="long-context prompt tokens (e.g. 128K, 1M)")
     parser.add_argument("--response", default="128", help="tokens per answer (chosen and rejected)")
@@ -78,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     if args.recompute is None:
         args.recompute = "none"
     spec = PlanSpec(preset=args.preset, tp=args.tp, pp=args.pp, cp=args.cp, dp=args.dp, virtual_pp=args.vpp,
-                    sequence_parallel=args.sequence_parallel, short_tokens=parse_tokens(args.short),
+                    sequence_parallel=bool(args.sequence_parallel), short_tokens=parse_tokens(args.short),
                     long_tokens=parse_tokens(args.long), response_tokens=parse_tokens(args.response),
                     mode=args.mode, objective=args.objective, recompute=args.recompute, params_dtype=args.dtype,
                     micro_batch_pairs=args.micro_batch_pairs, num_microbatches=args.microbatches,
@@ -88,7 +90,8 @@ def _run(args: argparse.Namespace) -> int:
             raise UserError("--scaled is a fake-tensor dry run; drop --real")
         scaled = scaled_plan(spec)
         print(f"dry run (fake tensors) at {scaled.layers[0]} and {scaled.layers[1]} layers, extrapolated to the "
-              f"full depth: {spec.preset}, tp={spec.tp} cp={spec.cp} dp={spec.dp}, recompute={spec.recompute}, "
+              f"full depth: {spec.preset}, tp={spec.tp}{' sp' if spec.sequence_parallel else ''} pp={spec.pp} "
+              f"cp={spec.cp} dp={spec.dp}, {spec.stage} stage, recompute={spec.recompute}, "
               f"mode={spec.mode}, short={spec.short_tokens} long={spec.long_tokens} response={spec.response_tokens}")
         for name, value in [*scaled.persistent_bytes.items(), ("activations+temporaries", scaled.activations_bytes),
                             ("PEAK", scaled.peak_bytes)]:
@@ -120,9 +123,10 @@ def _search(args: argparse.Namespace) -> int:
     if args.smallest:
         if args.gpus is not None:
             raise UserError("--smallest finds the GPU count; drop --gpus")
-        return _smallest(args, spec, assumptions, recomputes)
+        return _smallest(args, spec, assumptions, recomputes, sequence_parallel=args.sequence_parallel is not False)
     result = search_layouts(spec, args.gpus, args.gpu_memory_gib, assumptions, recomputes, top=args.top,
-                            config=args.config, log=lambda line: print(line, file=sys.stderr, flush=True))
+                            config=args.config, log=lambda line: print(line, file=sys.stderr, flush=True),
+                            sequence_parallel=args.sequence_parallel is not False)
     print("\n".join(result.lines()))
     if args.json:
         with open(args.json, "w") as handle:
@@ -130,23 +134,26 @@ def _search(args: argparse.Namespace) -> int:
     return 0 if result.fitting() else 3
 
 
-def _smallest(args, spec: PlanSpec, assumptions: Assumptions, recomputes) -> int:
+def _smallest(args, spec: PlanSpec, assumptions: Assumptions, recomputes, sequence_parallel: bool) -> int:
     from megatron_solopo.plan.search import smallest_layout
 
     found = False
-    print(f"smallest replica (DP=1, PP=1, no SP) that fits {args.gpu_memory_gib:g} GiB "
-          f"({1 - assumptions.reserve_fraction:.0%} usable): {spec.preset}, mode={spec.mode}, short={spec.short_tokens} "
+    print(f"smallest replica (DP=1, PP=1, {'SP where TP > 1' if sequence_parallel else 'no SP'}) that fits "
+          f"{args.gpu_memory_gib:g} GiB "
+          f"({1 - assumptions.reserve_fraction:.0%} usable): {spec.preset}, mode={spec.mode}, "
+          f"short={spec.short_tokens} "
           f"long={spec.long_tokens} response={spec.response_tokens}; memory from the layer-scaled dry run, time a "
           "PROJECTION (assumptions below)")
     for recompute in recomputes:
         row = smallest_layout(spec, args.gpu_memory_gib, recompute, assumptions,
-                              log=lambda line: print(line, file=sys.stderr, flush=True))
+                              log=lambda line: print(line, file=sys.stderr, flush=True),
+                              sequence_parallel=sequence_parallel)
         if row is None:
             print(f"  recompute={recompute}: nothing up to 256 GPUs fits")
             continue
         found = True
         c, p = row.candidate, row.projection
-        print(f"  recompute={recompute}: {c.tp * c.cp} GPUs, TP={c.tp} CP={c.cp}: peak {row.plan.peak_gib:.2f} GiB, "
+        print(f"  recompute={recompute}: {c.tp * c.cp} GPUs, {c.label}: peak {row.plan.peak_gib:.2f} GiB, "
               f"projected {p.pair_s:.2f} s per pair (compute {p.compute_s:.2f}, TP {p.tp_comm_s:.2f}, "
               f"CP exposed {p.cp_comm_s:.2f})")
     print("\n".join(assumptions.lines()))

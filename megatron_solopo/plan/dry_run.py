@@ -237,6 +237,58 @@ def _stack_nested(data):
     return torch.stack([_stack_nested(x) if isinstance(x, (list, tuple)) else torch.as_tensor(x) for x in data])
 
 
+def _stage_activation_shape(microbatches, hidden_size: int, spec: PlanSpec) -> list[int]:
+    """[sequence, batch, hidden] of the activation one pipeline stage sends the next for every micro-batch
+    (the dry run's pairs all have one length): this rank's CP shard, split over TP with sequence parallel."""
+    shapes = {tuple(mb.tokens.shape) for mb in microbatches}
+    if len(shapes) != 1:
+        raise ValueError(f"the pipeline dry run needs micro-batches of one shape, got {sorted(shapes)}")
+    rows, tokens = shapes.pop()
+    return [tokens // (spec.tp if spec.sequence_parallel else 1), rows, hidden_size]
+
+
+class _FakePipelinePeers(contextlib.AbstractContextManager):
+    """Stands in for the other pipeline stages' messages that carry values, which one fake rank never gets.
+
+    - Shapes: with `variable_seq_lengths` the schedule first sends each activation's shape to the
+      neighbouring stage, and the receiver sizes its buffer from the values. All the dry run's
+      micro-batches have one shape, so the exchange answers with it. The activation and gradient
+      exchanges themselves still run (fake tensors of that shape).
+    - The step's metrics, which the last stage broadcasts after the optimizer step: a stage that is not
+      the last gets a NaN loss and the pair count, as nothing of the memory depends on them.
+    """
+
+    def __init__(self, shape: list[int], num_pairs: int) -> None:
+        self.shape = shape
+        self.num_pairs = num_pairs
+        self._saved: tuple = ()
+
+    def __enter__(self):
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        from megatron_solopo.training import step
+
+        self._saved = (P2PCommunicator._communicate_shapes, step._broadcast_from_last_stage)
+        shape, num_pairs = self.shape, self.num_pairs
+        P2PCommunicator._communicate_shapes = lambda self, *args, **kwargs: (list(shape), list(shape))
+
+        def last_stage_metrics(value, parallel):
+            if parallel.is_last_stage():
+                return value
+            return {"loss": float("nan"), "pairs": float(num_pairs),
+                    **{key: 0.0 for key in step._COUNTS if key != "pairs"}}
+
+        step._broadcast_from_last_stage = last_stage_metrics
+        return self
+
+    def __exit__(self, *exc) -> None:
+        from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
+
+        from megatron_solopo.training import step
+
+        P2PCommunicator._communicate_shapes, step._broadcast_from_last_stage = self._saved
+
+
 # ------------------------------------------------------------------------------ the step
 def plan_step(spec: PlanSpec, fake: bool = True) -> PlanResult:
     """Runs two training steps of `spec` (the second measured) and returns the memory breakdown.
@@ -255,11 +307,6 @@ def plan_step(spec: PlanSpec, fake: bool = True) -> PlanResult:
 
     if spec.mode not in ("solo", "long"):
         raise ValueError(f"mode must be solo or long, got {spec.mode!r}")
-    if fake and spec.pp > 1:
-        raise NotImplementedError(
-            "the dry run does not handle pipeline parallelism yet: with variable sequence lengths Megatron's "
-            "schedule sends activation shapes between stages, which a single fake rank never receives; plan "
-            "with --pp 1 (memory per stage ~ the layers it holds) until issue 15's PP support lands")
     preset = get_preset(spec.preset)
     if spec.num_layers is not None:
         preset = preset.replace(num_layers=spec.num_layers)
@@ -274,7 +321,8 @@ def plan_step(spec: PlanSpec, fake: bool = True) -> PlanResult:
         microbatches = collate_microbatches(synthetic_samples(spec, preset.vocab_size), objective, parallel,
                                             layout_for_backend(spec.attention_backend), spec.micro_batch_pairs)
         tracker = LiveBytesTracker(fake_scalars=fake)
-        modes = []
+        modes = [_FakePipelinePeers(_stage_activation_shape(microbatches, preset.hidden_size, spec),
+                                   spec.num_microbatches * spec.micro_batch_pairs)] if fake and spec.pp > 1 else []
         if fake:
             from torch._subclasses.fake_tensor import FakeTensorMode
 

@@ -17,10 +17,12 @@ forward under full recompute) / (GPUs of a replica x peak x MFU); TP all-reduces
 NVLink inside a node or InfiniBand across nodes; the data-parallel gradient reduction once per step.
 
 Search: candidates TP in the divisors of gcd(heads, kv heads) up to the GPUs of a node (TP stays inside a
-node), CP in the powers of two, DP = the rest; PP is not searched (the dry run does not support PP yet);
-sequence parallelism off (the dry run builds Megatron's local layer spec, whose torch norm has no SP;
-SP only lowers activation memory). Pruning before any dry run: `memory_lower_bound` (persistent bytes +
-the saved activations that must coexist at the start of the backward) above the usable memory; then,
+node), CP in the powers of two, DP = the rest, sequence parallelism on wherever TP > 1 (it moves the same
+bytes as TP's all-reduces, as a reduce-scatter plus an all-gather, and splits the activations that TP
+alone replicates); PP is not searched (`solopo plan --pp` dry-runs a given PP layout, first and last
+stage: a search over PP would also need the schedule's bubble and the micro-batch count). Pruning before
+any dry run: `memory_lower_bound` (persistent bytes + the saved activations that must coexist at the start
+of the backward) above the usable memory; then,
 in projected-time order, a layout is skipped when a dry-run one that holds no less per GPU (no more TP,
 CP or recompute) already did not fit (memory per GPU does not increase with TP, CP or recompute). Dry
 runs are cached by their spec (DP only matters with the distributed optimizer). The search stops after
@@ -89,10 +91,12 @@ class Candidate:
     cp: int
     dp: int
     recompute: str
+    sequence_parallel: bool = False
 
     @property
     def label(self) -> str:
-        return f"TP={self.tp} CP={self.cp} DP={self.dp} recompute={self.recompute}"
+        sp = " SP" if self.sequence_parallel else ""
+        return f"TP={self.tp}{sp} CP={self.cp} DP={self.dp} recompute={self.recompute}"
 
 
 # ------------------------------------------------------------------------------ memory
@@ -116,10 +120,14 @@ def _affine(at_a: float, at_b: float, a: int, b: int, n: int) -> int:
     return round(at_a + (at_b - at_a) * (n - a) / (b - a))
 
 
-def scaled_plan(spec: PlanSpec, layers: tuple[int, int] = SCALE_LAYERS) -> ScaledPlan:
+def scaled_plan(spec: PlanSpec, layers: tuple[int, int] | None = None) -> ScaledPlan:
     """The dry run of `spec` at `layers` transformer layers, extrapolated to the preset's depth: persistent
-    categories and each phase's peak are affine in the layer count; the peak is the largest phase peak."""
+    categories and each phase's peak are affine in the layer count; the peak is the largest phase peak.
+    Default layers: SCALE_LAYERS per (virtual) pipeline stage, i.e. SCALE_LAYERS x pp x vpp in all."""
     from megatron_solopo.model import get_preset
+
+    stages = spec.pp * (spec.virtual_pp or 1)
+    layers = layers or tuple(n * stages for n in SCALE_LAYERS)
 
     depth = get_preset(spec.preset).num_layers
     if depth <= max(layers):
@@ -147,7 +155,7 @@ def sequence_lengths(spec: PlanSpec) -> list[int]:
 
 
 def memory_lower_bound(spec: PlanSpec, candidate: Candidate) -> int:
-    """Bytes one rank must hold at once (PP=1, no SP): training/memory_estimate.memory_lower_bound for this
+    """Bytes one rank must hold at once (PP=1): training/memory_estimate.memory_lower_bound for this
     batch shape; the dry run never goes below it (tests/plan/test_search.py). Used only to skip dry runs."""
     from megatron_solopo.model import get_preset
     from megatron_solopo.parallel.config import ParallelConfig
@@ -155,7 +163,7 @@ def memory_lower_bound(spec: PlanSpec, candidate: Candidate) -> int:
 
     seqs = sequence_lengths(spec)
     plan = SequencePlan(tuple(f"s{i}" for i in range(len(seqs))), tuple(seqs), spec.response_tokens)
-    parallel = ParallelConfig(tp=candidate.tp, cp=candidate.cp)
+    parallel = ParallelConfig(tp=candidate.tp, cp=candidate.cp, sequence_parallel=candidate.sequence_parallel)
     return int(bound(get_preset(spec.preset), parallel, candidate.tp * candidate.cp * candidate.dp, plan,
                      micro_batch_pairs=spec.micro_batch_pairs, num_microbatches=1, params_dtype=spec.params_dtype,
                      recompute=candidate.recompute, distributed_optimizer=spec.distributed_optimizer).total)
@@ -187,7 +195,8 @@ def project_time(spec: PlanSpec, candidate: Candidate, assumptions: Assumptions 
 
     compute_s = hardware FLOPs / (tp*cp x gpu_peak_tflops x mfu)
     tp_comm_s = n_ar x L x 2(tp-1)/tp x (tokens/cp x h x 2 B) / nvlink, n_ar = 2 all-reduces per layer per
-                forward pass: 4 (forward + backward), 6 with full recompute (the recomputed forward's)
+                forward pass: 4 (forward + backward), 6 with full recompute (the recomputed forward's);
+                with sequence parallelism each all-reduce is a reduce-scatter + an all-gather: the same bytes
     cp ring   = n_kv x L x (cp-1) x (tokens/cp x 2 x g*d/tp x 2 B) / bw, n_kv = 3 (forward K,V; backward K,V
                 and dK,dV), 4 with full recompute; bw = nvlink if tp*cp <= gpus_per_node else ib;
                 exposed = max(0, ring - cp_overlap x attention compute)
@@ -243,9 +252,10 @@ def project_time(spec: PlanSpec, candidate: Candidate, assumptions: Assumptions 
 
 # ------------------------------------------------------------------------------ search
 def candidates(spec: PlanSpec, gpus: int, recomputes: tuple[str, ...] = ("none", "full"),
-               gpus_per_node: int = 8, max_tp: int = 8) -> list[Candidate]:
+               gpus_per_node: int = 8, max_tp: int = 8, sequence_parallel: bool = True) -> list[Candidate]:
     """TP in divisors of gcd(heads, kv heads, vocab) up to min(max_tp, gpus_per_node) dividing `gpus`, CP in
-    powers of two with tp*cp dividing `gpus`, DP = gpus / (tp*cp), each recompute mode."""
+    powers of two with tp*cp dividing `gpus`, DP = gpus / (tp*cp), each recompute mode; sequence parallel
+    wherever TP > 1 unless `sequence_parallel` is False."""
     from megatron_solopo.model import get_preset
 
     preset = get_preset(spec.preset)
@@ -257,7 +267,7 @@ def candidates(spec: PlanSpec, gpus: int, recomputes: tuple[str, ...] = ("none",
         cp = 1
         while tp * cp <= gpus:
             if gpus % (tp * cp) == 0:
-                out += [Candidate(tp, cp, gpus // (tp * cp), rc) for rc in recomputes]
+                out += [Candidate(tp, cp, gpus // (tp * cp), rc, sequence_parallel and tp > 1) for rc in recomputes]
             cp *= 2
     return out
 
@@ -296,13 +306,14 @@ class SearchResult:
         out = [f"layout search: {s.preset}, {self.gpus} GPUs of {self.gpu_memory_gib:g} GiB "
                f"({self.usable_bytes / GIB:.1f} GiB usable), mode={s.mode} ({s.objective}), short={s.short_tokens} "
                f"long={s.long_tokens} response={s.response_tokens}, {s.params_dtype}"
-               f"{', distributed optimizer' if s.distributed_optimizer else ''}; PP not searched (the dry run "
-               "does not support PP yet); sequence parallel off",
+               f"{', distributed optimizer' if s.distributed_optimizer else ''}; PP not searched (dry-run a PP "
+               "layout with --pp)",
                "memory: dry run (fake tensors) at 2 and 4 layers, extrapolated to the full depth (exact: affine "
                "in layers); time: PROJECTION from the roofline below, not a measurement"]
         fits = self.fitting()
         if not fits:
-            out.append("  no searched layout fits: more GPUs, a shorter long context, or PP (not searched)")
+            out.append("  no searched layout fits: more GPUs, a shorter long context, the distributed optimizer, "
+                       "or PP (not searched: dry-run a PP layout with --pp)")
         else:
             out.append(f"  {'layout':<38} {'peak GiB':>9} {'headroom':>9} {'s/pair/replica':>15} "
                        f"{'job s/pair':>11}  (compute / TP / CP exposed, s; DP per step)")
@@ -336,7 +347,8 @@ class SearchResult:
 def sbatch_line(candidate: Candidate, gpus: int, gpus_per_node: int = 8, config: str = "CONFIG.yaml") -> str:
     """The examples/slurm command for this layout (DP follows from the GPU count)."""
     overrides = (f"parallel.tp={candidate.tp} parallel.pp=1 parallel.cp={candidate.cp} "
-                 f"parallel.sequence_parallel=false model.recompute={candidate.recompute}")
+                 f"parallel.sequence_parallel={str(candidate.sequence_parallel).lower()} "
+                 f"model.recompute={candidate.recompute}")
     if gpus <= gpus_per_node:
         env = f"GPUS_PER_NODE={gpus} " if gpus != 8 else ""
         return f"{env}sbatch --gpus-per-node={gpus} examples/slurm/train_single_node.sbatch {config} {overrides}"
@@ -355,7 +367,8 @@ def _dominates(failed: Candidate, other: Candidate) -> bool:
 def _dry_run(spec: PlanSpec, c: Candidate, log=None) -> tuple[ScaledPlan, bool]:
     """(layer-scaled dry run of `spec` as rank 0 of candidate `c`, whether it came from the cache). DP only
     changes the rank's memory with the distributed optimizer, so other DP sizes share one run."""
-    run_spec = dataclasses.replace(spec, tp=c.tp, cp=c.cp, pp=1, sequence_parallel=False, recompute=c.recompute,
+    run_spec = dataclasses.replace(spec, tp=c.tp, cp=c.cp, pp=1, sequence_parallel=c.sequence_parallel,
+                                   recompute=c.recompute,
                                    dp=c.dp if spec.distributed_optimizer else 1, stage="first", num_layers=None)
     key = tuple(sorted(dataclasses.asdict(run_spec).items()))
     cached = key in _CACHE
@@ -368,7 +381,7 @@ def _dry_run(spec: PlanSpec, c: Candidate, log=None) -> tuple[ScaledPlan, bool]:
 
 def search_layouts(spec: PlanSpec, gpus: int, gpu_memory_gib: float, assumptions: Assumptions = Assumptions(),
                    recomputes: tuple[str, ...] = ("none", "full"), top: int = 5, config: str = "CONFIG.yaml",
-                   log=None) -> SearchResult:
+                   log=None, sequence_parallel: bool = True) -> SearchResult:
     """Candidates of `spec`'s model and batch shape over `gpus` GPUs, the ones that fit by the (layer-scaled)
     dry run, ordered by projected job seconds per pair. `spec`'s tp/cp/dp/recompute are ignored."""
     if gpus % assumptions.gpus_per_node and gpus > assumptions.gpus_per_node:
@@ -376,7 +389,8 @@ def search_layouts(spec: PlanSpec, gpus: int, gpu_memory_gib: float, assumptions
     start = time.perf_counter()
     usable = gpu_memory_gib * GIB * (1 - assumptions.reserve_fraction)
     rows = [Row(c, memory_lower_bound(spec, c), project_time(spec, c, assumptions))
-            for c in candidates(spec, gpus, recomputes, assumptions.gpus_per_node)]
+            for c in candidates(spec, gpus, recomputes, assumptions.gpus_per_node,
+                                sequence_parallel=sequence_parallel)]
     rows.sort(key=lambda r: (r.projection.job_s_per_pair, r.candidate.tp))
     dry_runs = hits = found = 0
     failed: list[Candidate] = []
@@ -407,7 +421,7 @@ def search_layouts(spec: PlanSpec, gpus: int, gpu_memory_gib: float, assumptions
 
 
 def smallest_layout(spec: PlanSpec, gpu_memory_gib: float, recompute: str, assumptions: Assumptions = Assumptions(),
-                    max_gpus: int = 256, log=None) -> Row | None:
+                    max_gpus: int = 256, log=None, sequence_parallel: bool = True) -> Row | None:
     """The fewest GPUs of one model replica (DP=1, PP=1) whose rank 0 fits, by the layer-scaled dry run: TP x CP
     in increasing size (TP within a node, CP powers of two), the projected-faster one first at equal size;
     skipped without a dry run where the lower bound exceeds the usable memory. None when nothing up to
@@ -416,7 +430,8 @@ def smallest_layout(spec: PlanSpec, gpu_memory_gib: float, recompute: str, assum
     size = 1
     while size <= max_gpus:
         rows = [Row(c, memory_lower_bound(spec, c), project_time(spec, c, assumptions))
-                for c in candidates(spec, size, (recompute,), assumptions.gpus_per_node) if c.dp == 1]
+                for c in candidates(spec, size, (recompute,), assumptions.gpus_per_node,
+                                    sequence_parallel=sequence_parallel) if c.dp == 1]
         for row in sorted(rows, key=lambda r: r.projection.pair_s):
             if row.lower_bound > usable:
                 continue

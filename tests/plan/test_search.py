@@ -22,11 +22,12 @@ from megatron_solopo.plan.search import (
     search_layouts,
 )
 
-SIX = "plan-test-6layer"
-if SIX not in list_presets():
-    register_preset(ModelPreset(SIX, "llama", num_layers=6, hidden_size=64, ffn_hidden_size=128,
-                                num_attention_heads=4, num_query_groups=2, vocab_size=256,
-                                max_position_embeddings=4096))
+SIX, TWELVE = "plan-test-6layer", "plan-test-12layer"
+for _name, _layers in ((SIX, 6), (TWELVE, 12)):
+    if _name not in list_presets():
+        register_preset(ModelPreset(_name, "llama", num_layers=_layers, hidden_size=64, ffn_hidden_size=128,
+                                    num_attention_heads=4, num_query_groups=2, vocab_size=256,
+                                    max_position_embeddings=4096))
 
 TINY = PlanSpec(preset="tiny", short_tokens=64, long_tokens=1024, response_tokens=16)
 
@@ -72,16 +73,24 @@ def test_sbatch_lines():
     line = sbatch_line(Candidate(8, 8, 1, "full"), 64)
     assert line.startswith("sbatch --nodes 8 --gpus-per-node=8 examples/slurm/train_multi_node.sbatch CONFIG.yaml ")
     assert "parallel.tp=8 parallel.pp=1 parallel.cp=8 parallel.sequence_parallel=false model.recompute=full" in line
+    assert "parallel.tp=8 parallel.pp=1 parallel.cp=8 parallel.sequence_parallel=true model.recompute=full" in \
+        sbatch_line(Candidate(8, 8, 1, "full", sequence_parallel=True), 64)
     assert sbatch_line(Candidate(2, 2, 1, "none"), 4, config="x.yaml").startswith(
         "GPUS_PER_NODE=4 sbatch --gpus-per-node=4 examples/slurm/train_single_node.sbatch x.yaml ")
 
 
-@pytest.mark.parametrize("recompute", ["none", "full"])
-def test_layer_scaled_dry_run_matches_full_depth(recompute):
-    spec = PlanSpec(preset=SIX, short_tokens=48, long_tokens=400, response_tokens=12, recompute=recompute, tp=2)
+@pytest.mark.parametrize("layout", [dict(recompute="none"), dict(recompute="full"),
+                                    dict(recompute="none", sequence_parallel=True),
+                                    dict(recompute="none", pp=2, num_microbatches=3),
+                                    dict(recompute="full", pp=2, num_microbatches=3, stage="last")])
+def test_layer_scaled_dry_run_matches_full_depth(layout):
+    """2 and 4 layers per pipeline stage, extrapolated: 6 layers at PP=1, 12 (6 per stage) at PP=2."""
+    pp = layout.get("pp", 1)
+    spec = PlanSpec(preset=SIX if pp == 1 else TWELVE, short_tokens=48, long_tokens=400, response_tokens=12,
+                    tp=2, **layout)
     full = plan_step(spec).memory
     scaled = scaled_plan(spec)
-    assert scaled.layers == (2, 4)
+    assert scaled.layers == (2 * pp, 4 * pp)
     assert abs(scaled.peak_bytes - full.peak_bytes) <= 64, (scaled.peak_bytes, full.peak_bytes)
     for name in ("weights", "gradients (DDP buffer)", "optimizer states"):
         assert scaled.persistent_bytes[name] == full.persistent_bytes[name], name
@@ -89,14 +98,16 @@ def test_layer_scaled_dry_run_matches_full_depth(recompute):
 
 @pytest.mark.parametrize("layout", [dict(tp=1, cp=1, recompute="none"), dict(tp=2, cp=1, recompute="full"),
                                     dict(tp=1, cp=2, recompute="none", mode="long"),
-                                    dict(tp=2, cp=2, recompute="full", params_dtype="fp32")])
+                                    dict(tp=2, cp=2, recompute="full", params_dtype="fp32"),
+                                    dict(tp=2, cp=2, recompute="none", sequence_parallel=True)])
 def test_lower_bound_never_exceeds_the_dry_run(layout):
     mode = layout.pop("mode", "solo")
     dtype = layout.pop("params_dtype", "bf16")
     spec = PlanSpec(preset=SIX, short_tokens=48, long_tokens=800, response_tokens=12, mode=mode, params_dtype=dtype,
                     **layout)
     peak = plan_step(spec).memory.peak_bytes
-    bound = memory_lower_bound(spec, Candidate(layout["tp"], layout["cp"], 1, layout["recompute"]))
+    bound = memory_lower_bound(spec, Candidate(layout["tp"], layout["cp"], 1, layout["recompute"],
+                                               layout.get("sequence_parallel", False)))
     assert 0.3 * peak < bound <= peak, (bound, peak)
 
 
@@ -128,9 +139,27 @@ def test_cli_search(tmp_path):
                           capture_output=True, text=True, timeout=600,
                           env={**os.environ, "SOLOPO_DEVICE": "cpu", "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "TP=2 CP=1 DP=1 recompute=full" in proc.stdout and "mfu = 0.5" in proc.stdout
+    assert "TP=2 SP CP=1 DP=1 recompute=full" in proc.stdout and "mfu = 0.5" in proc.stdout
+    assert "parallel.sequence_parallel=true" in proc.stdout
     data = json.loads(out.read_text())
     assert data["assumptions"]["mfu"] == 0.5 and {r["candidate"]["recompute"] for r in data["rows"]} == {"full"}
     bad = subprocess.run([sys.executable, "-m", "megatron_solopo.cli", "plan", "--gpus", "2", "--tp", "2"],
                          capture_output=True, text=True, timeout=600, env={**os.environ, "SOLOPO_DEVICE": "cpu"})
     assert bad.returncode == 2 and "drop --tp" in bad.stderr
+
+
+def test_scaling_table_tool_rows_and_resume(tmp_path):
+    """tools/scaling_table.py: one row per cell with its reproducing command; a second run adds nothing."""
+    out = tmp_path / "rows.md"
+    args = [sys.executable, "tools/scaling_table.py", "--models", "tiny", "--longs", "512", "--modes", "solo",
+            "--gpu-memory-gib", "0.02", "--recompute", "full", "--short", "64", "--response", "16", "--out", str(out)]
+    env = {**os.environ, "SOLOPO_DEVICE": "cpu", "OMP_NUM_THREADS": "1"}
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    first = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert first.returncode == 0, first.stderr[-3000:]
+    rows = [line for line in out.read_text().splitlines() if line.startswith("| tiny |")]
+    assert len(rows) == 1 and "| 512 | SoLoPO | full | 0.02 GiB |" in rows[0] and "GPUs: TP=" in rows[0]
+    assert "`solopo plan --preset tiny --short 64 --long 512 --response 16 --mode solo --recompute full " \
+           "--smallest --gpu-memory-gib 0.02`" in rows[0]
+    again = subprocess.run(args, capture_output=True, text=True, timeout=600, env=env, cwd=root)
+    assert again.returncode == 0 and again.stdout == "" and out.read_text().count("| tiny |") == 1

@@ -33,6 +33,14 @@ def make_samples(num_pairs: int, seed: int = 0, vocab: int = 256, short=(6, 14),
     return samples
 
 
+def with_synthetic_reference_logps(samples: list) -> list:
+    """Gives every sample made-up reference log-probs (DPO needs them), distinct per pair; returns `samples`."""
+    for i, sample in enumerate(samples):
+        for role in ("short_chosen", "short_rejected", "long_chosen"):
+            sample[f"ref_{role}_logps"] = -5.5 * sum(sample[f"{role}_loss_mask"]) + 0.3 * i
+    return samples
+
+
 def _unwrap(chunk):
     while hasattr(chunk, "module"):
         chunk = chunk.module
@@ -142,3 +150,90 @@ def assemble(rank_shards: list[dict[str, dict]]) -> dict[str, torch.Tensor]:
         else:
             full[name] = torch.cat(ordered, dim=dim)
     return full
+
+
+# --- one layout's training step, and the layout-free reference it must equal -------------------------------
+
+
+def build_layout(tp: int, pp: int, cp: int, backend: str = "sdpa", preset: str = "tiny", virtual_pp=None,
+                 sequence_parallel: bool = False):
+    """(parallel context, model chunks) of `preset` on this layout, weights set by global name."""
+    from megatron_solopo.model import ModelConfig, get_preset
+    from megatron_solopo.model.builder import build_model_chunks
+    from megatron_solopo.parallel import ParallelConfig, initialize_parallel
+
+    parallel = initialize_parallel(ParallelConfig(tp=tp, pp=pp, cp=cp, virtual_pp=virtual_pp,
+                                                  sequence_parallel=sequence_parallel), seed=1)
+    chunks = build_model_chunks(get_preset(preset), parallel, ModelConfig(attention_backend=backend))
+    set_weights_by_name(chunks)
+    return parallel, chunks
+
+
+def data_parallel_share(samples: list) -> list:
+    """This DP rank's contiguous share of `samples` (the test's stand-in for the data loader)."""
+    from megatron.core import parallel_state
+
+    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
+    per_rank = len(samples) // dp
+    return samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
+
+
+def train_layout(samples: list, objective, tp: int, pp: int, cp: int, backend: str, layout: str,
+                 micro_batch_pairs: int, distributed_optimizer: bool = False, preset: str = "tiny",
+                 virtual_pp=None, sequence_parallel: bool = False) -> dict:
+    """One real training step (collate -> Megatron schedule -> DDP -> optimizer) on this layout.
+
+    Adam with lr = eps = 1e6 and no clipping makes the update -g / (1 + |g| / 1e6): the negative
+    gradient to 1e-7 relative, so `update` can be compared with `manual_reference`'s."""
+    from megatron_solopo.training.batching import collate_microbatches
+    from megatron_solopo.training.optim import build_training_objects
+    from megatron_solopo.training.step import train_step
+
+    parallel, chunks = build_layout(tp, pp, cp, backend, preset, virtual_pp, sequence_parallel)
+    chunks, optimizer, scheduler = build_training_objects(
+        chunks, lr=1e6, adam_eps=1e6, total_steps=4, clip_grad=0.0, use_distributed_optimizer=distributed_optimizer)
+    before = snapshot(chunks)
+    microbatches = collate_microbatches(data_parallel_share(samples), objective, parallel, layout, micro_batch_pairs)
+    result = train_step(chunks, optimizer, scheduler, microbatches, objective, parallel, step_index=0)
+    after = snapshot(chunks)
+    return {"loss": result.loss, "metrics": result.metrics, "num_pairs": result.num_pairs,
+            "num_tokens": result.num_tokens, "lr": result.lr, "n_microbatches": len(microbatches),
+            "update": local_shards(chunks, {k: after[k] - before[k] for k in before})}
+
+
+def manual_reference(samples: list, objective, tp: int = 1, preset: str = "tiny") -> dict:
+    """Mean objective over all `samples` by plain autograd on an unwrapped model (CP=PP=1, no schedule,
+    DDP or optimizer): {"loss", "update" = -gradient as local shards}."""
+    from megatron_solopo.model.logprobs import make_output_processor
+    from megatron_solopo.objectives import objective_loss
+    from megatron_solopo.training.batching import collate_microbatches
+
+    parallel, chunks = build_layout(tp, 1, 1, "sdpa", preset)
+    model = chunks[0]
+    microbatches = collate_microbatches(samples, objective, parallel, "packed", 2)
+    stats: dict[str, list] = {}
+    for mb in microbatches:
+        sums = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params,
+                     output_processor=make_output_processor(), output_processor_context=mb.rows)
+        for key, value in mb.batch_stats(sums).items():
+            stats.setdefault(key, []).append(value)
+    loss, _ = objective_loss(objective, {k: torch.cat(v) for k, v in stats.items()}, reduction="mean")
+    loss.backward()
+    named = {}
+    for chunk in chunks:
+        named.update(global_param_names(chunk))
+    grads = {name: -param.grad.detach().clone() for name, param in named.items()}
+    return {"loss": float(loss), "update": local_shards(chunks, grads)}
+
+
+def run_timed(runs: dict) -> dict:
+    """{name: runs[name]()} in order, plus "seconds": {name: wall seconds} (printed by the tests)."""
+    import time
+
+    results, seconds = {}, {}
+    for name, run in runs.items():
+        start = time.perf_counter()
+        results[name] = run()
+        seconds[name] = round(time.perf_counter() - start, 2)
+    results["seconds"] = seconds
+    return results

@@ -1,4 +1,5 @@
-"""The SoLoPO step is invariant to the parallel layout: TP, PP, CP, DP and micro-batching.
+"""The SoLoPO step is invariant to the parallel layout: TP (with and without sequence parallelism), PP, CP,
+DP and micro-batching.
 
 One 2-process gloo group runs every layout in turn (re-initializing Megatron's groups), through the
 real path: collate_microbatches -> Megatron's pipeline schedule -> DDP -> Megatron's optimizer. The
@@ -14,17 +15,14 @@ import math
 import pytest
 import torch
 from dist_utils import run_distributed
-from step_helpers import assemble, local_shards, make_samples, set_weights_by_name, snapshot
+from step_helpers import (assemble, build_layout, make_samples, manual_reference, run_timed, train_layout,
+                          with_synthetic_reference_logps)
 
 NUM_PAIRS = 4
 
 
 def _samples():
-    samples = make_samples(NUM_PAIRS, seed=3)
-    for i, sample in enumerate(samples):  # synthetic reference log-probs (DPO needs them)
-        for role in ("short_chosen", "short_rejected", "long_chosen"):
-            sample[f"ref_{role}_logps"] = -5.5 * sum(sample[f"{role}_loss_mask"]) + 0.3 * i
-    return samples
+    return with_synthetic_reference_logps(make_samples(NUM_PAIRS, seed=3))
 
 
 def _objective():
@@ -33,71 +31,16 @@ def _objective():
     return ObjectiveConfig(name="dpo", mode="solo", beta=0.5, alpha=2.0)
 
 
-def _build(tp, pp, cp, backend, preset="tiny", virtual_pp=None):
-    from megatron_solopo.model import ModelConfig, get_preset
-    from megatron_solopo.model.builder import build_model_chunks
-    from megatron_solopo.parallel import ParallelConfig, initialize_parallel
-
-    parallel = initialize_parallel(ParallelConfig(tp=tp, pp=pp, cp=cp, virtual_pp=virtual_pp), seed=1)
-    chunks = build_model_chunks(get_preset(preset), parallel, ModelConfig(attention_backend=backend))
-    set_weights_by_name(chunks)
-    return parallel, chunks
-
-
-def _my_samples(samples):
-    from megatron.core import parallel_state
-
-    dp, dp_rank = parallel_state.get_data_parallel_world_size(), parallel_state.get_data_parallel_rank()
-    per_rank = len(samples) // dp
-    return samples[dp_rank * per_rank:(dp_rank + 1) * per_rank]
-
-
 def _train_layout(tp, pp, cp, backend, layout, micro_batch_pairs, distributed_optimizer=False, preset="tiny",
-                  virtual_pp=None):
-    from megatron_solopo.training.batching import collate_microbatches
-    from megatron_solopo.training.optim import build_training_objects
-    from megatron_solopo.training.step import train_step
-
-    parallel, chunks = _build(tp, pp, cp, backend, preset, virtual_pp)
-    chunks, optimizer, scheduler = build_training_objects(
-        chunks, lr=1e6, adam_eps=1e6, total_steps=4, clip_grad=0.0, use_distributed_optimizer=distributed_optimizer)
-    before = snapshot(chunks)
-    microbatches = collate_microbatches(_my_samples(_samples()), _objective(), parallel, layout, micro_batch_pairs)
-    result = train_step(chunks, optimizer, scheduler, microbatches, _objective(), parallel, step_index=0)
-    after = snapshot(chunks)
-    return {"loss": result.loss, "metrics": result.metrics, "num_pairs": result.num_pairs,
-            "num_tokens": result.num_tokens, "lr": result.lr, "n_microbatches": len(microbatches),
-            "update": local_shards(chunks, {k: after[k] - before[k] for k in before})}
+                  virtual_pp=None, sequence_parallel=False):
+    return train_layout(_samples(), _objective(), tp, pp, cp, backend, layout, micro_batch_pairs,
+                        distributed_optimizer=distributed_optimizer, preset=preset, virtual_pp=virtual_pp,
+                        sequence_parallel=sequence_parallel)
 
 
 def _manual_reference():
     """Mean objective over all pairs, plain autograd on an unwrapped TP=2 model (no schedule/DDP/optimizer)."""
-    from megatron_solopo.model.logprobs import make_output_processor
-    from megatron_solopo.objectives import objective_loss
-    from megatron_solopo.training.batching import collate_microbatches
-
-    parallel, chunks = _build(2, 1, 1, "sdpa")
-    model = chunks[0]
-    microbatches = collate_microbatches(_samples(), _objective(), parallel, "packed", 2)
-    stats: dict[str, list] = {}
-    for mb in microbatches:
-        sums = model(mb.tokens, mb.position_ids, None, packed_seq_params=mb.packed_seq_params,
-                     output_processor=make_output_processor(), output_processor_context=mb.rows)
-        for key, value in mb.batch_stats(sums).items():
-            stats.setdefault(key, []).append(value)
-    loss, _ = objective_loss(_objective(), {k: torch.cat(v) for k, v in stats.items()}, reduction="mean")
-    loss.backward()
-    grads = {name: -param.grad.detach().clone() for name, param in _named(chunks).items()}
-    return {"loss": float(loss), "update": local_shards(chunks, grads)}
-
-
-def _named(chunks):
-    from step_helpers import global_param_names
-
-    out = {}
-    for chunk in chunks:
-        out.update(global_param_names(chunk))
-    return out
+    return manual_reference(_samples(), _objective(), tp=2)
 
 
 def _dpo_anchor_at_cp2():
@@ -107,7 +50,7 @@ def _dpo_anchor_at_cp2():
     from megatron_solopo.training.optim import build_training_objects
     from megatron_solopo.training.step import forward_only, train_step
 
-    parallel, chunks = _build(1, 1, 2, "sdpa")
+    parallel, chunks = build_layout(1, 1, 2, "sdpa")
     chunks, optimizer, scheduler = build_training_objects(chunks, lr=1e-3, total_steps=4)
     objective = ObjectiveConfig(name="dpo", mode="solo", beta=0.1, alpha=3.0)
     samples = make_samples(NUM_PAIRS, seed=5)
@@ -166,12 +109,13 @@ def _sequence_parallel_head():
 
 
 def _worker(rank, world_size):
-    import time
-
     runs = {
         "reference": _manual_reference,
         "tp2_mb4x1": lambda: _train_layout(2, 1, 1, "sdpa", "packed", micro_batch_pairs=4),
         "tp2_mb1x4": lambda: _train_layout(2, 1, 1, "sdpa", "packed", micro_batch_pairs=1),
+        "tp2_sp_sdpa": lambda: _train_layout(2, 1, 1, "sdpa", "packed", micro_batch_pairs=2, sequence_parallel=True),
+        "tp2_sp_local": lambda: _train_layout(2, 1, 1, "local", "padded", micro_batch_pairs=2,
+                                              sequence_parallel=True),
         "pp2": lambda: _train_layout(1, 2, 1, "sdpa", "packed", micro_batch_pairs=1),
         "cp2_packed": lambda: _train_layout(1, 1, 2, "sdpa", "packed", micro_batch_pairs=2),
         "cp2_padded": lambda: _train_layout(1, 1, 2, "sdpa", "padded", micro_batch_pairs=4),
@@ -184,13 +128,7 @@ def _worker(rank, world_size):
         "anchor": _dpo_anchor_at_cp2,
         "sp_head": _sequence_parallel_head,
     }
-    results, seconds = {}, {}
-    for name, run in runs.items():
-        start = time.perf_counter()
-        results[name] = run()
-        seconds[name] = round(time.perf_counter() - start, 2)
-    results["seconds"] = seconds
-    return results
+    return run_timed(runs)
 
 
 @pytest.fixture(scope="module")
@@ -198,7 +136,8 @@ def group_results():
     return run_distributed(_worker, 2)
 
 
-LAYOUTS = ["tp2_mb4x1", "tp2_mb1x4", "pp2", "cp2_packed", "cp2_padded", "dp2_local_distopt"]
+LAYOUTS = ["tp2_mb4x1", "tp2_mb1x4", "tp2_sp_sdpa", "tp2_sp_local", "pp2", "cp2_packed", "cp2_padded",
+           "dp2_local_distopt"]
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)
