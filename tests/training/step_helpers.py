@@ -11,6 +11,7 @@ import random
 import re
 import zlib
 
+import pytest
 import torch
 
 from megatron_solopo.convert.mappings import te_to_local_name
@@ -237,3 +238,23 @@ def run_timed(runs: dict) -> dict:
         seconds[name] = round(time.perf_counter() - start, 2)
     results["seconds"] = seconds
     return results
+
+
+def assert_update_is_minus_reference_gradient(group_results: list, layout: str, rtol: float, atol: float) -> None:
+    """Every rank's reassembled update of `layout` equals the (reassembled) negative reference gradient."""
+    reference = assemble([r["reference"]["update"] for r in group_results])
+    update = assemble([r[layout]["update"] for r in group_results])
+    assert set(update) == set(reference)
+    for name in reference:
+        torch.testing.assert_close(update[name], reference[name], rtol=rtol, atol=atol, msg=f"{layout}: {name}")
+    assert max(t.abs().max() for t in reference.values()) > 1e-4  # a real gradient, not zeros
+
+
+def assert_loss_and_counts_are_global(group_results: list, layout: str, num_pairs: int) -> None:
+    """Every rank reports the reference's global mean loss, all pairs and one token count."""
+    expected = group_results[0]["reference"]["loss"]
+    for rank_result in group_results:
+        got = rank_result[layout]
+        assert got["loss"] == pytest.approx(expected, rel=1e-5)
+        assert got["num_pairs"] == num_pairs
+    assert len({r[layout]["num_tokens"] for r in group_results}) == 1
