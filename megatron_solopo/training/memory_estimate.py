@@ -5,8 +5,8 @@ The per-GPU memory a user sees comes from ONE place: the dry run of the real tra
 keeps only what is cheap and safe: the layout checks (`plan_layout`: world size, heads, vocab, batch split)
 and a lower bound on the bytes one rank must hold at once, which the layout search (plan/search.py) uses to
 skip dry runs that cannot fit, and which `tools/plan_layout.py` falls back to (labelled as a bound) where
-the dry run cannot go yet (pipeline parallelism). tests/plan/test_search.py checks that the bound never
-exceeds the dry run's peak.
+the dry run cannot go (a padded layout, a short-only objective mode). tests/plan/test_search.py checks that
+the bound never exceeds the dry run's peak.
 
 Terms (bytes per GPU, each one a floor):
 
