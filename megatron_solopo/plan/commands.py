@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
 
     try:
         return _run(args)
-    except NotImplementedError as err:  # e.g. PP > 1: the reason and what to use instead
+    except NotImplementedError as err:  # an op the dry run cannot trace: named, one line
         return report_error("plan", err)
 
 
