@@ -33,6 +33,8 @@ from typing import Any
 
 import torch
 
+from megatron_solopo.data.hf_cache import cache_kwarg, full_attention_only, last_logits, prefill_each, select_rows
+
 __all__ = ["GenerationStats", "Generator", "HFGenerator", "MegatronGenerator", "resolve_device", "resolve_dtype",
            "batched_greedy", "forced_prefix_greedy", "truncate_at_eos"]
 
@@ -175,8 +177,8 @@ class HFGenerator(Generator):
         self.model = model.eval()
         self.pad_id = int(pad_id if pad_id is not None else self.eos_ids[0])
         self.device = next(model.parameters()).device
-        self._cache_kwarg = _cache_kwarg(model)
-        unpadded = prefill == "unpadded" and self._cache_kwarg is not None and _full_attention_only(model.config)
+        self._cache_kwarg = cache_kwarg(model)
+        unpadded = prefill == "unpadded" and self._cache_kwarg is not None and full_attention_only(model.config)
         self.path = "hf-unpadded-prefill" if unpadded else "hf-generate"
 
     @classmethod
@@ -206,33 +208,15 @@ class HFGenerator(Generator):
                                   generation_config=config)
         return [row[input_ids.shape[1]:].tolist() for row in out.cpu()]
 
-    def _forward(self, input_ids: torch.Tensor, cache: Any, **kwargs: Any) -> torch.Tensor:
-        """Logits [b, V] at the last position, the cache updated in place."""
-        out = self.model(input_ids=input_ids, use_cache=True, logits_to_keep=1, **{self._cache_kwarg: cache},
-                         **kwargs)
-        return out.logits[:, -1].float()
-
     def _prefill_then_decode(self, prompts: list[list[int]]) -> list[list[int]]:
-        from transformers import DynamicCache
-
         eos = set(self.eos_ids)
         lengths = [len(p) for p in prompts]
-        width = max(lengths)
-        first, caches = [], []
-        for prompt in prompts:
-            cache = DynamicCache()
-            logits = self._forward(torch.tensor([prompt], device=self.device), cache)  # no mask: causal kernel
-            first.append(int(logits[0].argmax()))
-            caches.append(cache)
-        cache = _stack_left_padded(caches, lengths, width, reserve=self.max_new_tokens)
-        del caches
+        logits, cache, mask = prefill_each(self.model, prompts, self.max_new_tokens, self._cache_kwarg)
+        first = logits.argmax(-1).tolist()
         generated = [[token] for token in first]
         live = [row for row, token in enumerate(first) if token not in eos and self.max_new_tokens > 1]
-        mask = torch.zeros(len(prompts), width, dtype=torch.long, device=self.device)  # [b, width + steps]
-        for row, length in enumerate(lengths):
-            mask[row, width - length:] = 1
         if len(live) < len(prompts):
-            mask = _select_rows(cache, mask, live, len(prompts))
+            mask = select_rows(cache, mask, live, len(prompts))
         lengths_t = torch.tensor(lengths, device=self.device)
         step = 0
         while live:
@@ -240,7 +224,8 @@ class HFGenerator(Generator):
             tokens = torch.tensor([[generated[r][-1]] for r in live], device=self.device)  # [b_live, 1]
             mask = torch.cat([mask, mask.new_ones(len(live), 1)], dim=1)
             positions = (lengths_t[rows] + step).unsqueeze(1)  # [b_live, 1]: where the fed token sits
-            choice = self._forward(tokens, cache, attention_mask=mask, position_ids=positions).argmax(-1).tolist()
+            choice = last_logits(self.model, tokens, cache, self._cache_kwarg, attention_mask=mask,
+                                 position_ids=positions).argmax(-1).tolist()
             step += 1
             still = []
             for index, (row, token) in enumerate(zip(live, choice)):
@@ -248,146 +233,10 @@ class HFGenerator(Generator):
                 if token not in eos and len(generated[row]) < self.max_new_tokens:
                     still.append(index)
             if len(still) < len(live):
-                mask = _select_rows(cache, mask, still, len(live))
+                mask = select_rows(cache, mask, still, len(live))
                 live = [live[i] for i in still]
         return generated
 
-
-def _cache_kwarg(model: Any) -> str | None:
-    """The forward argument that takes a KV cache: `cache` (transformers >= 5.x) or `past_key_values`."""
-    import inspect
-
-    params = inspect.signature(model.forward).parameters
-    if "logits_to_keep" not in params:
-        return None
-    for name in ("cache", "past_key_values"):
-        if name in params:
-            return name
-    return None
-
-
-def _full_attention_only(config: Any) -> bool:
-    """True when every layer attends to the whole prefix (no sliding window, no linear-attention layers)."""
-    layer_types = getattr(config, "layer_types", None)
-    if layer_types and any(t != "full_attention" for t in layer_types):
-        return False
-    window = getattr(config, "sliding_window", None)
-    return not window or getattr(config, "use_sliding_window", True) is False
-
-
-def _layer_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]  # transformers < 4.54
-
-
-def _num_layers(cache: Any) -> int:
-    return len(cache.layers) if hasattr(cache, "layers") else len(cache.key_cache)
-
-
-def _stack_left_padded(caches: list[Any], lengths: list[int], width: int, reserve: int) -> Any:
-    """One batch cache [b, heads, width, dim] per layer from per-prompt caches, prompts right-aligned.
-
-    The pad columns hold zeros and are masked out in decoding. Each layer has room for `reserve` more
-    positions, so a decoding step writes its key/value in place (transformers' DynamicLayer copies the
-    whole cache every step with torch.cat: half of a CPU decoding step at 2K tokens).
-    """
-    merged = _reserved_cache(_num_layers(caches[0]), reserve)
-    for layer in range(_num_layers(caches[0])):
-        keys0, values0 = _layer_kv(caches[0], layer)
-        keys = keys0.new_zeros((len(caches), keys0.shape[1], width, keys0.shape[3]))
-        values = values0.new_zeros((len(caches), values0.shape[1], width, values0.shape[3]))
-        for row, (cache, length) in enumerate(zip(caches, lengths, strict=True)):
-            k, v = _layer_kv(cache, layer)
-            keys[row, :, width - length:] = k[0]
-            values[row, :, width - length:] = v[0]
-            if hasattr(cache, "layers"):
-                cache.layers[layer].keys = cache.layers[layer].values = None  # free as we go
-        merged.update(keys, values, layer)
-        del keys, values
-    return merged
-
-
-def _reserved_cache(num_layers: int, reserve: int) -> Any:
-    """A DynamicCache whose layers keep keys/values in buffers with spare room (plain DynamicCache on
-    transformers versions without per-layer cache objects)."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache()
-    layer_class = _reserved_layer_class()
-    if layer_class is None or not isinstance(getattr(cache, "layers", None), list):
-        return cache
-    cache.layers[:] = [layer_class(reserve) for _ in range(num_layers)]
-    return cache
-
-
-_RESERVED_LAYER: list[Any] = []
-
-
-def _reserved_layer_class() -> Any:
-    """transformers' DynamicLayer with in-place appends into preallocated buffers (None if it has none)."""
-    if _RESERVED_LAYER:
-        return _RESERVED_LAYER[0]
-    try:
-        from transformers.cache_utils import DynamicLayer
-    except ImportError:
-        _RESERVED_LAYER.append(None)
-        return None
-
-    class ReservedDynamicLayer(DynamicLayer):
-        """`keys`/`values` are views [b, h, length, d] of buffers [b, h, capacity, d]; appending writes in place."""
-
-        def __init__(self, reserve: int) -> None:
-            super().__init__()
-            self.reserve = reserve
-            self._buffers: tuple[torch.Tensor, torch.Tensor] | None = None
-
-        def _owns_views(self) -> bool:
-            return (self._buffers is not None and self.keys is not None and self.keys.numel() > 0
-                    and self.keys.data_ptr() == self._buffers[0].data_ptr()
-                    and self.keys.shape[0] == self._buffers[0].shape[0])
-
-        def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
-                   **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
-            if not self.is_initialized:
-                self.lazy_initialization(key_states, value_states)
-            length, new = self.get_seq_length(), key_states.shape[-2]
-            if not self._owns_views() or length + new > self._buffers[0].shape[-2]:
-                self._reallocate(key_states, value_states, length, length + new + self.reserve)
-            key_buffer, value_buffer = self._buffers
-            key_buffer[:, :, length:length + new] = key_states
-            value_buffer[:, :, length:length + new] = value_states
-            self.keys, self.values = key_buffer[:, :, :length + new], value_buffer[:, :, :length + new]
-            return self.keys, self.values
-
-        def _reallocate(self, key_states: torch.Tensor, value_states: torch.Tensor, length: int,
-                        capacity: int) -> None:
-            buffers = []
-            for old, new in ((self.keys, key_states), (self.values, value_states)):
-                buffer = new.new_zeros((new.shape[0], new.shape[1], capacity, new.shape[3]))
-                if length:
-                    buffer[:, :, :length] = old
-                buffers.append(buffer)
-            self._buffers = (buffers[0], buffers[1])
-
-        def batch_select_indices(self, indices: torch.Tensor) -> None:
-            if self._owns_views():
-                length = self.get_seq_length()
-                self._buffers = (self._buffers[0][indices], self._buffers[1][indices])
-                self.keys, self.values = self._buffers[0][:, :, :length], self._buffers[1][:, :, :length]
-            else:
-                super().batch_select_indices(indices)
-
-    _RESERVED_LAYER.append(ReservedDynamicLayer)
-    return ReservedDynamicLayer
-
-
-def _select_rows(cache: Any, mask: torch.Tensor, keep: list[int], batch: int) -> torch.Tensor:
-    """Drops finished rows from the cache (in place) and the attention mask (returned)."""
-    index = torch.tensor(keep, dtype=torch.long, device=mask.device)
-    if len(keep) and len(keep) < batch:
-        cache.batch_select_indices(index)
-    return mask[index]
 
 
 # ------------------------------------------------------------------------------------- Megatron

@@ -54,6 +54,34 @@ def test_shared_prefix_sampling_matches_generate(hf_backend):
     assert len(set(map(len, prompts))) == 3 and torch.is_tensor(reference)
 
 
+def test_in_place_decoding_matches_the_padded_path_when_rows_stop_early(tiny_hf_dir, monkeypatch):
+    """The in-place path (unpadded prefill, cache rows repeated, finished rows dropped) gives the
+    padded path's tokens, row for row, also when some responses stop early; and sampling restricted to
+    the top token is greedy decoding through the same bookkeeping (a model whose greedy tokens vary)."""
+    import types
+
+    import torch
+
+    hf_backend = HFBackend(tiny_hf_dir, device="cpu", dtype="fp32", batch_size=9)
+
+    texts = ["Who wrote The Lantern of Orsel?", "Document [1] (Title: Maren Kol) Maren Kol was born in Port Dria.",
+             "In what year was the organization that employs the author of The Tide of Brask founded?"]
+    prompts = [hf_backend.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    assert hf_backend._cache_kwarg is not None
+    free = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, None, greedy=True)
+    # an 'EOS' that prompt 0 emits after >= 1 token and some other row never emits: rows stop at different steps
+    eos = next(t for i, t in enumerate(free[0][0]) if i and t not in free[0][0][:i]
+               and any(t not in row for rows in free[1:] for row in rows))
+    monkeypatch.setattr(hf_backend, "tokenizer", types.SimpleNamespace(eos_token_id=eos))
+    expected = [[row[: row.index(eos)] if eos in row else row for row in rows] for rows in free]
+    in_place = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, None, greedy=True)
+    nucleus_of_one = hf_backend.sample_token_ids(prompts, 3, 1.0, 1e-6, 10, torch.Generator().manual_seed(0))
+    monkeypatch.setattr(hf_backend, "_cache_kwarg", None)
+    padded = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, None, greedy=True)
+    assert in_place == padded == nucleus_of_one == expected
+    assert 1 <= len(expected[0][0]) < 10 and any(len(r) == 10 for rows in expected for r in rows)
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     import torch
 

@@ -6,7 +6,8 @@ and, with the real default model, both paths agree on real eval prompts."""
 import pytest
 import torch
 
-from megatron_solopo.eval.generation import HFGenerator, _reserved_cache
+from megatron_solopo.data.hf_cache import reserved_cache
+from megatron_solopo.eval.generation import HFGenerator
 
 PROMPT_TEXTS = ["Who wrote The Lantern of Orsel?", "Document [1] (Title: Maren Kol) Maren Kol was born in Port Dria.",
                 "hi", "In what year was the organization that employs the author of The Tide of Brask founded?",
@@ -62,7 +63,7 @@ def test_reserved_cache_matches_dynamic_cache():
     from transformers import DynamicCache
 
     generator = torch.Generator().manual_seed(0)
-    reserved, plain = _reserved_cache(2, reserve=3), DynamicCache()
+    reserved, plain = reserved_cache(2, reserve=3), DynamicCache()
     batch = 3
     for step, length in enumerate([5, 1, 1, 1, 1, 2]):  # the 5th append outgrows the reserve: reallocation
         for layer in range(2):
