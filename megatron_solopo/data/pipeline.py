@@ -28,7 +28,8 @@ from megatron_solopo.data.contexts import (
 )
 from megatron_solopo.data.pairs import PairChoice, select_pair
 from megatron_solopo.data.records import Document, QAItem, write_jsonl
-from megatron_solopo.data.sampling import ResponseBackend, SamplingRequest, SamplingSettings, sample_responses
+from megatron_solopo.data.sampling import (ResponseBackend, SamplingRequest, SamplingSettings, SamplingStats,
+                                           sample_responses)
 from megatron_solopo.data.sources import load_source, read_distractor_pool
 from megatron_solopo.data.summary import write_summary
 
@@ -123,7 +124,9 @@ def build_data(config: DataConfig, tokenizer: Any, backend: ResponseBackend, mod
                                 model_id, config_prompt_examples(config))
     requests = [SamplingRequest(c.item.id, c.short_context if config.sample_on == "short" else c.long.text, c.item)
                 for c in contexts]
-    responses = sample_responses(requests, backend, settings, output_dir / "samples.jsonl", progress=progress)
+    stats = SamplingStats()
+    responses = sample_responses(requests, backend, settings, output_dir / "samples.jsonl", progress=progress,
+                                 stats=stats, tokenizer=tokenizer)
     t_sampling = time.perf_counter()
     records, pass_rates, drops = [], [], collections.Counter()
     for ctx in contexts:
@@ -144,7 +147,7 @@ def build_data(config: DataConfig, tokenizer: Any, backend: ResponseBackend, mod
               "responses_sampled": len(contexts) * config.num_responses, "pairs_dropped": dict(drops),
               "pairs_written": len(records)}
     timing = {"contexts_s": round(t_contexts - start, 2), "sampling_s": round(t_sampling - t_contexts, 2),
-              "total_s": round(time.perf_counter() - start, 2)}
+              "total_s": round(time.perf_counter() - start, 2), **stats.as_dict()}
     extra = {"pairs_path": str(config.resolved_pairs_path), "sampling_model": model_id, "timing": timing,
              "responses_per_question": config.num_responses, "temperature": config.sampling_temperature}
     summary = write_summary(output_dir, counts, [c.short_tokens for c in contexts],

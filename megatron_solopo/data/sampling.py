@@ -21,8 +21,8 @@ from typing import Any, Protocol
 from megatron_solopo.data.records import QAItem, atomic_write
 from megatron_solopo.data.tokenize import prompt_token_ids
 
-__all__ = ["SamplingRequest", "SamplingSettings", "ResponseBackend", "HFBackend", "VLLMBackend", "ScriptedBackend",
-           "make_backend", "vllm_available", "sample_responses"]
+__all__ = ["SamplingRequest", "SamplingSettings", "SamplingStats", "ResponseBackend", "HFBackend", "VLLMBackend",
+           "ScriptedBackend", "make_backend", "vllm_available", "sample_responses"]
 
 logger = logging.getLogger(__name__)
 
@@ -55,6 +55,35 @@ class SamplingSettings:
     def key(self, prompt: str) -> str:
         blob = json.dumps([dataclasses.asdict(self), prompt], sort_keys=True, ensure_ascii=False)
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
+
+
+@dataclasses.dataclass
+class SamplingStats:
+    """What one `sample_responses` call sampled (questions already cached are not counted) and the
+    wall seconds of its backend calls. Prompt tokens count each prompt once (it is prefilled once);
+    generated tokens are the responses re-tokenized (the decoded text, stripped; EOS not counted)."""
+
+    questions: int = 0
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    seconds: float = 0.0
+
+    def add(self, tokenizer: Any, requests: Sequence[SamplingRequest], outputs: Sequence[Sequence[str]],
+            settings: SamplingSettings, seconds: float) -> None:
+        """Counts one backend call: its questions, their prompt and response tokens, its seconds."""
+        self.questions += len(requests)
+        self.seconds += seconds
+        for request, responses in zip(requests, outputs, strict=True):
+            self.prompt_tokens += len(prompt_token_ids(tokenizer, request.prompt, settings.system_prompt,
+                                                       settings.use_chat_template, settings.examples))
+            self.generated_tokens += sum(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in responses)
+
+    def as_dict(self) -> dict[str, float]:
+        seconds = max(self.seconds, 1e-9)
+        return {"sampled_questions_now": self.questions, "prompt_tokens": self.prompt_tokens,
+                "generated_tokens": self.generated_tokens, "sampling_backend_s": round(self.seconds, 2),
+                "prompt_tokens_per_s": round(self.prompt_tokens / seconds, 1) if self.questions else 0.0,
+                "generated_tokens_per_s": round(self.generated_tokens / seconds, 2) if self.questions else 0.0}
 
 
 class ResponseBackend(Protocol):
@@ -369,12 +398,19 @@ def _call_seed(seed: int, ids: Sequence[str]) -> int:
 
 def sample_responses(requests: Sequence[SamplingRequest], backend: ResponseBackend, settings: SamplingSettings,
                      samples_path: str | os.PathLike, progress: bool = True,
-                     on_call: Callable[[int], None] | None = None) -> dict[str, list[str]]:
+                     on_call: Callable[[int], None] | None = None, stats: SamplingStats | None = None,
+                     tokenizer: Any = None) -> dict[str, list[str]]:
     """Responses per request id, sampling only what `samples_path` (or its .partial) does not hold yet.
 
     Returns {id: [response, ...]} for every request. `on_call(n)` is called after each backend call
-    with the number of questions it sampled (tests count calls with it).
+    with the number of questions it sampled (tests count calls with it). With `stats` (and the
+    `tokenizer` that renders the prompts) the questions sampled now, their tokens and the backend's
+    seconds are added to it.
     """
+    import time
+
+    if stats is not None and tokenizer is None:
+        raise ValueError("sample_responses(stats=...) needs the tokenizer to count prompt and response tokens")
     from tqdm.auto import tqdm
 
     final = pathlib.Path(samples_path)
@@ -394,7 +430,10 @@ def sample_responses(requests: Sequence[SamplingRequest], backend: ResponseBacke
                 total=len(requests), initial=len(done), unit="q", desc="sampling", disable=not progress) as bar:
             for start in range(0, len(pending), per_call):
                 chunk = pending[start:start + per_call]
+                began = time.perf_counter()
                 outputs = backend.generate(chunk, settings, _call_seed(settings.seed, [r.id for r in chunk]))
+                if stats is not None:
+                    stats.add(tokenizer, chunk, outputs, settings, time.perf_counter() - began)
                 for request, responses in zip(chunk, outputs, strict=True):
                     done[request.id] = responses
                     sink.write(json.dumps({"id": request.id, "key": keys[request.id], "responses": responses},

@@ -202,7 +202,21 @@ def markdown(results: Mapping[str, Any], ablations: Mapping[str, str] | None = N
                       f"{cost['tokens_per_pair']:.0f}")
         lines.append(f"| {arm} | {train_text} | {thr['prompt_tokens_per_s']:.0f} | "
                      f"{thr['generated_tokens_per_s']:.1f} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + _sampling_lines(results.get("sampling") or {})) + "\n"
+
+
+def _sampling_lines(sampling: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """The on-policy sampling cost per pair set (data summaries' `timing`), if the summaries count tokens."""
+    counted = {name: t for name, t in sampling.items() if t.get("sampled_questions_now")}
+    if not counted:
+        return []
+    lines = ["", "| pairs sampled on | questions sampled | prompt tokens | generated tokens | sampling s | "
+             "prompt tok/s | generated tok/s |", "|---|---|---|---|---|---|---|"]
+    for name, t in counted.items():
+        lines.append(f"| x_{name} | {t['sampled_questions_now']} | {t['prompt_tokens']} | {t['generated_tokens']} | "
+                     f"{t['sampling_backend_s']:.0f} | {t['prompt_tokens_per_s']:.0f} | "
+                     f"{t['generated_tokens_per_s']:.1f} |")
+    return lines
 
 
 # ------------------------------------------------------------------------------------- plots

@@ -182,6 +182,8 @@ def _analyze(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shared:
                       experiment.bootstrap_resamples, experiment.seed)
     results["machine"] = _load_json(run_dir / "machine.json")
     results["stage_seconds"] = seconds
+    results["sampling"] = {pair_set: (_load_json(run_dir / "data" / pair_set / "summary.json") or {}).get("timing", {})
+                           for pair_set in experiment.pair_sets()}
     ablations = {arm.name: arm.ablation for arm in experiment.arms if arm.ablation}
     return write_results(results, run_dir / "results", ablations,
                          header=_header(experiment, run_dir, shared, seconds, quick))

@@ -7,7 +7,7 @@ import pytest
 from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.pipeline import build_data
 from megatron_solopo.data.records import read_pair_records
-from megatron_solopo.data.sampling import (HFBackend, SamplingRequest, SamplingSettings, ScriptedBackend,
+from megatron_solopo.data.sampling import (HFBackend, SamplingRequest, SamplingSettings, SamplingStats, ScriptedBackend,
                                            sample_responses)
 from megatron_solopo.data.scoring import score_response
 from megatron_solopo.data.tokenize import load_tokenized_pairs
@@ -121,6 +121,33 @@ def test_sampling_resumes_after_a_crash(hf_backend, tmp_path):
     assert calls == []
     sample_responses(REQUESTS, hf_backend, _settings(model_id="other"), path, progress=False, on_call=calls.append)
     assert calls == [1, 1, 1]
+
+
+def test_sampling_stats_count_only_what_this_call_sampled(tiny_tokenizer, synthetic_items, tmp_path):
+    from megatron_solopo.data.tokenize import prompt_token_ids
+
+    requests = [SamplingRequest(item.id, f"Q: {item.question}", item) for item in synthetic_items[:3]]
+    settings = SamplingSettings(num_responses=4, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0,
+                                system_prompt=None, use_chat_template=False, model_id="scripted")
+    path, backend = tmp_path / "samples.jsonl", ScriptedBackend()
+    prompt_lengths = [len(prompt_token_ids(tiny_tokenizer, r.prompt, None, False)) for r in requests]
+
+    def response_tokens(out, ids):
+        return sum(len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"]) for i in ids for t in out[i])
+
+    first = SamplingStats()
+    out = sample_responses(requests[:2], backend, settings, path, progress=False, stats=first, tokenizer=tiny_tokenizer)
+    assert (first.questions, first.prompt_tokens) == (2, sum(prompt_lengths[:2]))
+    assert first.generated_tokens == response_tokens(out, [r.id for r in requests[:2]]) > 0
+    second = SamplingStats()  # two of three already in samples.jsonl: only the third is counted
+    out = sample_responses(requests, backend, settings, path, progress=False, stats=second, tokenizer=tiny_tokenizer)
+    assert (second.questions, second.prompt_tokens) == (1, prompt_lengths[2])
+    assert second.generated_tokens == response_tokens(out, [requests[2].id])
+    third = SamplingStats()
+    sample_responses(requests, backend, settings, path, progress=False, stats=third, tokenizer=tiny_tokenizer)
+    assert third.as_dict()["sampled_questions_now"] == 0 and third.as_dict()["prompt_tokens_per_s"] == 0.0
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        sample_responses(requests, backend, settings, path, progress=False, stats=SamplingStats())
 
 
 def _pipeline_config(tmp_path, **changes):

@@ -55,6 +55,9 @@ def test_quick_experiment_runs_every_stage_and_resumes(tiny_experiment, tmp_path
     assert set(results["training_cost"]) == {"solo-orpo", "long-orpo"}
     table = (run_dir / "results" / "table.md").read_text()
     assert "--quick" in table and "McNemar" in table and "s / pair" in table
+    for pair_set in ("short", "long"):  # sampling cost: every question of a fresh run was sampled now
+        sampled = json.loads((run_dir / "data" / pair_set / "summary.json").read_text())["counts"]["sampled_questions"]
+        assert f"| x_{pair_set} | {sampled} |" in table and results["sampling"][pair_set]["prompt_tokens"] > 0
     # long-X trains on pairs sampled on x_long, the others on x_short
     train_long = yaml.safe_load((run_dir / "configs" / "train-long-orpo.yaml").read_text())
     assert train_long["data"]["sample_on"] == "long" and train_long["objective"]["mode"] == "long"
