@@ -59,20 +59,9 @@ def tiny_tokenizer():
 
 @pytest.fixture(scope="session")
 def tiny_hf_dir(tmp_path_factory, tiny_tokenizer):
-    """A tiny LlamaForCausalLM whose weights are re-drawn with std 0.15 so greedy outputs vary from token to
-    token (transformers' 0.02 init makes a 2-layer model repeat one token, which would make parity trivial)."""
-    import torch
-    import transformers
-
+    """A tiny LlamaForCausalLM whose greedy outputs vary from token to token (weights re-drawn with std 0.15).
+    Session-scoped on `tiny_tokenizer`: a folder that overrides `tiny_tokenizer` must not request it (the
+    first request decides its tokenizer for the whole session); tests/data has its own `varied_model_dir`."""
     from tiny_models import build_tiny_llama
 
-    path = tmp_path_factory.mktemp("tiny_llama")
-    build_tiny_llama(path, tiny_tokenizer, hidden_size=64)
-    model = transformers.AutoModelForCausalLM.from_pretrained(str(path))
-    generator = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "norm" not in name:
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.15)
-    model.save_pretrained(str(path))
-    return str(path)
+    return build_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), tiny_tokenizer, hidden_size=64, init_std=0.15)

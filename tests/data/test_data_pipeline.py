@@ -54,7 +54,7 @@ def test_shared_prefix_sampling_matches_generate(hf_backend):
     assert len(set(map(len, prompts))) == 3 and torch.is_tensor(reference)
 
 
-def test_in_place_decoding_matches_the_padded_path_when_rows_stop_early(tiny_hf_dir, monkeypatch):
+def test_in_place_decoding_matches_the_padded_path_when_rows_stop_early(varied_model_dir, monkeypatch):
     """The in-place path (unpadded prefill, cache rows repeated, finished rows dropped) gives the
     padded path's tokens, row for row, also when some responses stop early; and sampling restricted to
     the top token is greedy decoding through the same bookkeeping (a model whose greedy tokens vary)."""
@@ -62,7 +62,7 @@ def test_in_place_decoding_matches_the_padded_path_when_rows_stop_early(tiny_hf_
 
     import torch
 
-    hf_backend = HFBackend(tiny_hf_dir, device="cpu", dtype="fp32", batch_size=9)
+    hf_backend = HFBackend(varied_model_dir, device="cpu", dtype="fp32", batch_size=9)
 
     texts = ["Who wrote The Lantern of Orsel?", "Document [1] (Title: Maren Kol) Maren Kol was born in Port Dria.",
              "In what year was the organization that employs the author of The Tide of Brask founded?"]
