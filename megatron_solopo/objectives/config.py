@@ -21,6 +21,7 @@ from megatron_solopo.objectives.losses import (
     LONGPO_OBJECTIVE,
     NLL_WEIGHT,
     RA_DISTANCES,
+    RA_GRADIENT,
     RA_ON,
     REDUCTIONS,
     SOLO_ALPHA,
@@ -59,7 +60,7 @@ MODES = {
 }
 _LEGACY_HPARAM_FIELDS = ("beta", "gamma", "lam", "label_smoothing")
 """Hyperparameters of the built-in objectives that may also be set as flat keys (objective.beta)."""
-_SOLO_FIELDS = ("alpha", "ra_distance", "ra_on")
+_SOLO_FIELDS = ("alpha", "ra_distance", "ra_on", "ra_gradient")
 
 
 @dataclass(frozen=True)
@@ -111,6 +112,11 @@ class ObjectiveConfig:
     ra_on: str | None = None
     """Responses aligned by SoLo-RA: "chosen" (default; the paper's chosen-only form) or "both"
     (ablation; costs a fourth forward pass on (x_long, y_l)). solo mode only."""
+    ra_gradient: str | None = None
+    """Where the SoLo-RA term's gradient flows: "both" (default; the formula read literally, both
+    rewards are differentiated, so the term can also lower r(x_short, y_w)) or "long" (r(x_short, y)
+    is a fixed target: the term only moves the long-context reward; the short pair still trains
+    through the PO term). The paper does not state which; see docs/objectives.md. solo mode only."""
     nll_weight: float | None = None
     """LongPO weight of the length-averaged NLL of y_w under x_long, default 0.01 (LongPO's
     public training script). longpo mode only."""
@@ -186,6 +192,7 @@ class ObjectiveConfig:
             resolved["alpha"] = SOLO_ALPHA.check("alpha", alpha, where)
             resolved["ra_distance"] = _choice(self.ra_distance, RA_DISTANCES, "ra_distance")
             resolved["ra_on"] = _choice(self.ra_on, RA_ON, "ra_on")
+            resolved["ra_gradient"] = _choice(self.ra_gradient, RA_GRADIENT, "ra_gradient")
         return resolved
 
     @property
@@ -193,7 +200,7 @@ class ObjectiveConfig:
         """The effective, validated keyword arguments of this mode's loss function (read-only view).
 
         Computed once when the config is built: the objective's hyperparameters with defaults filled
-        in, plus sft_weight, and alpha/ra_distance/ra_on (solo) or nll_weight (longpo).
+        in, plus sft_weight, and alpha/ra_distance/ra_on/ra_gradient (solo) or nll_weight (longpo).
         """
         return MappingProxyType(self._resolved)
 

@@ -45,6 +45,7 @@ __all__ = [
     "REDUCTIONS",
     "RA_DISTANCES",
     "RA_ON",
+    "RA_GRADIENT",
     "SFT_WEIGHT",
     "SOLO_ALPHA",
     "NLL_WEIGHT",
@@ -54,6 +55,10 @@ __all__ = [
 REDUCTIONS = ("mean", "sum", "none")
 RA_DISTANCES = ("abs", "squared")
 RA_ON = ("chosen", "both")
+# Where the SoLo-RA term's gradient flows (the paper does not say; docs/objectives.md "ra_gradient"):
+# "both" differentiates |r(x_short, y) - r(x_long, y)| on both sides, the formula read literally;
+# "long" holds r(x_short, y) fixed, a target that the long-context reward is pulled towards.
+RA_GRADIENT = ("both", "long")
 # The only base objective LongPO is defined for (its reference on x_short replaces DPO's reference).
 LONGPO_OBJECTIVE = "dpo"
 
@@ -62,7 +67,7 @@ SOLO_ALPHA = HParam(1.0, "weight alpha of the short-to-long reward alignment (So
 # LongPO's public training script uses dpo_lambda=0.01 (and dpo_beta=0.01).
 NLL_WEIGHT = HParam(0.01, "LongPO: weight of the length-averaged NLL of the chosen response under x_long", low=0.0)
 
-_SOLO_KEYS = ("alpha", "ra_distance", "ra_on")
+_SOLO_KEYS = ("alpha", "ra_distance", "ra_on", "ra_gradient")
 
 COUNT_METRICS = frozenset({"orpo/clamped"})
 """Metrics that count events (summed over pairs, never averaged); the trainer reports them as totals."""
@@ -231,8 +236,15 @@ def _ra_penalty(
     long: SequenceStats,
     hparams: Mapping[str, float],
     ra_distance: str,
+    ra_gradient: str,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """s(|r(x_short, y) - r(x_long, y)|) for one response. Returns (penalty, distance, long reward), [B] each."""
+    """s(|r(x_short, y) - r(x_long, y)|) for one response. Returns (penalty, distance, long reward), [B] each.
+
+    ra_gradient="long" detaches the short side, so this term moves only the long-context reward;
+    the short sequence still gets its gradient from the PO term.
+    """
+    if ra_gradient == "long":
+        short = SequenceStats(logps=short.logps.detach(), tokens=short.tokens, ref_logps=short.ref_logps)
     long_reward = objective.reward(long, hparams)
     distance = (objective.reward(short, hparams) - long_reward).abs()
     penalty = distance if ra_distance == "abs" else distance * distance
@@ -261,6 +273,7 @@ def _ra_terms(
     aligned: Mapping[str, tuple[SequenceStats, SequenceStats]],
     hparams: Mapping[str, float],
     ra_distance: str,
+    ra_gradient: str,
     alpha: float,
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """alpha * sum over aligned responses ("chosen"[, "rejected"]) of s(|r(x_short, y) - r(x_long, y)|).
@@ -270,7 +283,7 @@ def _ra_terms(
     penalties = []
     metrics: dict[str, torch.Tensor] = {}
     for response, (short, long) in aligned.items():
-        penalty, distance, long_reward = _ra_penalty(objective, short, long, hparams, ra_distance)
+        penalty, distance, long_reward = _ra_penalty(objective, short, long, hparams, ra_distance, ra_gradient)
         penalties.append(penalty)
         metrics["ra/distance" if response == "chosen" else f"ra/distance_{response}"] = distance
         metrics[f"rewards/long_{response}"] = long_reward
@@ -378,6 +391,7 @@ def solopo_loss(
     ra_distance: str = "abs",
     ra_on: str = "chosen",
     reduction: str = "mean",
+    ra_gradient: str = "both",
     **hparams: float,
 ) -> tuple[torch.Tensor, dict[str, object]]:
     """The SoLoPO objective (SoLoPO paper, general objective L_SoLoPO) for base objective `name`:
@@ -386,7 +400,10 @@ def solopo_loss(
 
     with r the base objective's implicit reward and s(d) = d (ra_distance="abs", default) or d^2
     ("squared"). ra_on="chosen" is the paper's chosen-only SoLo-RA; ra_on="both" adds the same term
-    for y_l (the paper's ablation) and then needs long_rejected_logps. Response token counts are
+    for y_l (the paper's ablation) and then needs long_rejected_logps. ra_gradient="both" (default,
+    the formula read literally) differentiates the RA term on both sides; "long" treats r(x_short, y)
+    as a fixed target (no gradient from the RA term into the short sequences; the PO term is
+    unchanged), a reading the paper does not state (docs/objectives.md). Response token counts are
     shared by both contexts (the response is identical). DPO/IPO need the reference log-probs of
     every sequence the policy scores: (x_short, y_w), (x_short, y_l), (x_long, y_w) [, (x_long, y_l)].
     hparams are those of `preference_loss`; sft_weight applies to the short chosen.
@@ -396,6 +413,7 @@ def solopo_loss(
     resolved["alpha"] = SOLO_ALPHA.check("alpha", alpha, where)
     resolved["ra_distance"] = _check_choice(ra_distance, RA_DISTANCES, "ra_distance", where)
     resolved["ra_on"] = _check_choice(ra_on, RA_ON, "ra_on", where)
+    resolved["ra_gradient"] = _check_choice(ra_gradient, RA_GRADIENT, "ra_gradient", where)
     _check_choice(reduction, REDUCTIONS, "reduction", where)
     return resolved_solopo_loss(
         name, short_chosen_logps, short_rejected_logps, long_chosen_logps, chosen_tokens, rejected_tokens,
@@ -422,11 +440,11 @@ def resolved_solopo_loss(
     check_values: bool = False,
 ) -> tuple[torch.Tensor, dict[str, object]]:
     """`solopo_loss` with `hparams` already resolved (the objective's, sft_weight, alpha, ra_distance,
-    ra_on; e.g. `ObjectiveConfig.resolved_hparams`): see `resolved_preference_loss`."""
+    ra_on, ra_gradient; e.g. `ObjectiveConfig.resolved_hparams`): see `resolved_preference_loss`."""
     where = f"solopo_loss({name!r})"
     objective = get_objective(name)
     resolved = {key: value for key, value in hparams.items() if key not in _SOLO_KEYS}
-    alpha, ra_distance, ra_on = (hparams[key] for key in _SOLO_KEYS)
+    alpha, ra_distance, ra_on, ra_gradient = (hparams[key] for key in _SOLO_KEYS)
     _check_ra_on_inputs(ra_on, long_rejected_logps, ref_long_rejected_logps, where)
     refs = {
         "ref_short_chosen_logps": ref_short_chosen_logps,
@@ -456,7 +474,7 @@ def resolved_solopo_loss(
         aligned["rejected"] = (short_rejected, long_rejected)
     po_loss, metrics = _po_terms(objective, short_chosen, short_rejected, resolved)
     objective_hparams = {key: resolved[key] for key in objective.hparams}
-    ra_loss, ra_metrics = _ra_terms(objective, aligned, objective_hparams, ra_distance, alpha)
+    ra_loss, ra_metrics = _ra_terms(objective, aligned, objective_hparams, ra_distance, ra_gradient, alpha)
     for key, value in ra_metrics.items():  # counters (e.g. orpo/clamped) add up across sequences
         metrics[key] = metrics[key] + value if key in metrics else value
     return _reduce(po_loss + ra_loss, metrics, reduction)

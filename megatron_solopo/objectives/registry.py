@@ -94,7 +94,7 @@ class HParam:
         return number
 
 
-RESERVED_HPARAM_NAMES = frozenset({"sft_weight", "alpha", "ra_distance", "ra_on", "nll_weight", "reduction", "name"})
+RESERVED_HPARAM_NAMES = frozenset({"sft_weight", "alpha", "ra_distance", "ra_on", "ra_gradient", "nll_weight", "reduction", "name"})
 """Keyword names the loss functions and `ObjectiveConfig` use themselves; no objective may declare them."""
 
 # loss(chosen, rejected, hparams) -> (per-pair loss [B], extra loss components name -> [B])

@@ -27,7 +27,8 @@ SC, SR, LC, LR = "short_chosen", "short_rejected", "long_chosen", "long_rejected
 def test_default_config_is_solo_orpo():
     config = ObjectiveConfig()
     assert (config.name, config.mode) == ("orpo", "solo")
-    assert config.resolved_hparams == {"lam": 0.1, "sft_weight": 0.0, "alpha": 1.0, "ra_distance": "abs", "ra_on": "chosen"}
+    assert config.resolved_hparams == {"lam": 0.1, "sft_weight": 0.0, "alpha": 1.0, "ra_distance": "abs", "ra_on": "chosen",
+                                       "ra_gradient": "both"}
 
 
 @pytest.mark.parametrize("name, expected", [
@@ -42,9 +43,9 @@ def test_per_objective_defaults(name, expected):
 
 def test_explicit_values_and_longpo_hparams():
     config = ObjectiveConfig(name="dpo", mode="solo", beta=0.05, alpha=3.0, ra_distance="squared", ra_on="both",
-                             sft_weight=0.2)
+                             ra_gradient="long", sft_weight=0.2)
     assert config.resolved_hparams == {"beta": 0.05, "label_smoothing": 0.0, "sft_weight": 0.2, "alpha": 3.0,
-                                "ra_distance": "squared", "ra_on": "both"}
+                                "ra_distance": "squared", "ra_on": "both", "ra_gradient": "long"}
     assert ObjectiveConfig(name="dpo", mode="longpo").resolved_hparams == {"beta": 0.1, "label_smoothing": 0.0,
                                                                     "nll_weight": 0.01}
     assert ObjectiveConfig(name="dpo", mode="longpo", nll_weight=1.0).resolved_hparams["nll_weight"] == 1.0
@@ -81,6 +82,8 @@ def test_every_field_has_a_docstring_in_the_source():
     (dict(name="orpo", alpha=-1.0), "alpha=-1.0 is outside"),
     (dict(name="orpo", ra_distance="l1"), "objective.ra_distance='l1' is not one of"),
     (dict(name="orpo", ra_on="rejected"), "objective.ra_on='rejected' is not one of"),
+    (dict(name="orpo", ra_gradient="short"), r"objective.ra_gradient='short' is not one of \['both', 'long'\]"),
+    (dict(name="orpo", mode="long", ra_gradient="long"), "objective.ra_gradient='long' is not used with mode 'long'"),
     (dict(name="dpo", mode="longpo", nll_weight=-1.0), "nll_weight=-1.0 is outside"),
     (dict(name="simpo", gamma=math.nan), "gamma=nan is outside"),
 ])
@@ -229,3 +232,14 @@ def test_dispatch_default_reduction_is_sum():
     loss_none, _ = objective_loss(config, _stats_for(config), reduction="none")
     assert loss_sum.item() == pytest.approx(loss_none.sum().item(), rel=1e-14)
     assert all(isinstance(v, torch.Tensor) and v.dim() == 0 for v in metrics.values())
+
+
+def test_ra_gradient_from_yaml_and_overrides(tmp_path):
+    from megatron_solopo.config import ConfigError, load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("objective: {name: simpo, mode: solo, ra_gradient: long}\n", encoding="utf-8")
+    assert load_config(path).objective.resolved_hparams["ra_gradient"] == "long"
+    assert load_config(path, ["objective.ra_gradient=both"]).objective.resolved_hparams["ra_gradient"] == "both"
+    with pytest.raises((ConfigError, ValueError), match="ra_gradient='upward' is not one of"):
+        load_config(path, ["objective.ra_gradient=upward"])

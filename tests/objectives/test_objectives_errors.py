@@ -271,7 +271,7 @@ def test_plugged_in_objective_works_everywhere(hinge_objective):
         preference_loss("hinge", chosen, rejected, n, n, gamma=1.0)
     config = ObjectiveConfig(name="hinge", mode="solo", beta=0.5)
     assert config.resolved_hparams == {"beta": 0.5, "delta": 1.0, "sft_weight": 0.0, "alpha": 1.0,
-                                       "ra_distance": "abs", "ra_on": "chosen"}
+                                       "ra_distance": "abs", "ra_on": "chosen", "ra_gradient": "both"}
     assert required_reference_sequences(config) == frozenset()
     assert required_sequences(config) == {"short_chosen", "short_rejected", "long_chosen"}
     # its own hyperparameter comes from the config's open `hparams` mapping, validated once, here

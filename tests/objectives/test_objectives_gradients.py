@@ -168,3 +168,48 @@ def test_long_chosen_gets_gradient_only_from_ra_term():
         grads.append(lc.grad.item())
     # d/d lc of alpha * |beta*sc/n - beta*lc/n| with sc/n > lc/n: -alpha * beta / n = -alpha
     assert grads == pytest.approx([-1.0, -3.0], abs=1e-14)
+
+
+# ---------------------------------------------------------------------------------- ra_gradient
+def _solo_grads(name, ra_on, ra_distance, ra_gradient, alpha, seed=5):
+    """Loss and d loss / d (each policy input) of solopo_loss; inputs drawn from `seed`."""
+    g = torch.Generator().manual_seed(seed)
+    n_seq = 4 if ra_on == "both" else 3
+    policy = [_random_logps(g) for _ in range(n_seq)]
+    refs = [_random_logps(g).detach() for _ in range(n_seq)] if USES_REF[name] else [None] * n_seq
+    loss, _ = solopo_loss(
+        name, policy[0], policy[1], policy[2], _tokens(), _tokens().flip(0), refs[0], refs[1], refs[2],
+        long_rejected_logps=policy[3] if n_seq == 4 else None, ref_long_rejected_logps=refs[3] if n_seq == 4 else None,
+        alpha=alpha, ra_distance=ra_distance, ra_on=ra_on, ra_gradient=ra_gradient, reduction="sum",
+    )
+    grads = torch.autograd.grad(loss, policy)
+    return loss.detach(), dict(zip(["short_chosen", "short_rejected", "long_chosen", "long_rejected"], grads))
+
+
+@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("ra_distance", ["abs", "squared"])
+@pytest.mark.parametrize("ra_on", ["chosen", "both"])
+def test_ra_gradient_long_holds_the_short_side_fixed(name, ra_distance, ra_on):
+    po_loss, po_only = _solo_grads(name, ra_on, ra_distance, "long", alpha=0.0)
+    long_loss, long_only = _solo_grads(name, ra_on, ra_distance, "long", alpha=2.0)
+    both_loss, both = _solo_grads(name, ra_on, ra_distance, "both", alpha=2.0)
+    # The value of the objective does not depend on where its gradient flows.
+    assert torch.equal(long_loss, both_loss)
+    assert not torch.equal(long_loss, po_loss)  # the RA term is active in these inputs
+    # Short sequences: under "long" the RA term adds exactly nothing to their gradient (PO term alone) ...
+    for key in ("short_chosen", "short_rejected"):
+        assert torch.equal(long_only[key], po_only[key]), key
+    # ... while under "both" it does (so the check above can fail).
+    assert not torch.allclose(both["short_chosen"], po_only["short_chosen"])
+    # Long sequences: identical to the formula as written.
+    long_keys = ["long_chosen"] + (["long_rejected"] if ra_on == "both" else [])
+    for key in long_keys:
+        assert torch.equal(long_only[key], both[key]), key
+        assert long_only[key].abs().sum() > 0
+
+
+def test_ra_gradient_is_validated():
+    g = torch.Generator().manual_seed(6)
+    x = [_random_logps(g) for _ in range(3)]
+    with pytest.raises(ValueError, match=r"ra_gradient='short' is not one of \['both', 'long'\]"):
+        solopo_loss("orpo", x[0], x[1], x[2], _tokens(), _tokens(), ra_gradient="short")

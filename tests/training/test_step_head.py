@@ -224,12 +224,35 @@ def _shim_checks():
             "pinned": torch.tensor([1, 2], pin_memory=True).device.type, "backward_grad": x.grad.tolist()}
 
 
+def _ra_gradient_steps():
+    """One step of every SoLo-X from the same weights under ra_gradient both / long."""
+    from megatron_solopo.objectives import ObjectiveConfig
+    from megatron_solopo.parallel import current_parallel_context
+    from megatron_solopo.training.batching import collate_microbatches
+    from megatron_solopo.training.step import train_step
+    from step_helpers import with_synthetic_reference_logps
+
+    parallel = current_parallel_context()
+    samples = with_synthetic_reference_logps(make_samples(2, seed=15, prefix="r"))
+    out = {}
+    for name in ("dpo", "ipo", "simpo", "orpo"):
+        for ra_gradient in ("both", "long"):
+            objective = ObjectiveConfig(name=name, mode="solo", alpha=3.0, ra_gradient=ra_gradient)
+            chunks, optimizer, scheduler = _train_objects()
+            microbatches = collate_microbatches(samples, objective, parallel, "packed", 2)
+            result = train_step(chunks, optimizer, scheduler, microbatches, objective, parallel, step_index=1)
+            out[(name, ra_gradient)] = {"loss": result.loss, "ra": result.metrics["loss/ra"],
+                                        "weights": snapshot(chunks)}
+    return out
+
+
 def _worker(rank, world_size):
     from megatron_solopo.parallel import ParallelConfig, initialize_parallel
 
     initialize_parallel(ParallelConfig(), seed=3)
     return {"head": _head_checks(), "chunking": _chunking_and_recompute(), "memory": _memory_checks(),
-            "steps": _forward_only_and_nan_checks(), "lrs": _schedule_lrs(), "shim": _shim_checks()}
+            "steps": _forward_only_and_nan_checks(), "lrs": _schedule_lrs(), "shim": _shim_checks(),
+            "ra_gradient": _ra_gradient_steps()}
 
 
 @pytest.fixture(scope="module")
@@ -306,3 +329,12 @@ def test_cpu_shim_covers_the_step_paths(results):
     assert shim["converted"] == torch.float64
     assert shim["pinned"] == "cpu"
     assert shim["backward_grad"] == [2.0, 2.0, 2.0]
+
+
+@pytest.mark.parametrize("name", ["dpo", "ipo", "simpo", "orpo"])
+def test_ra_gradient_reaches_the_step(name, results):
+    both, long = results["ra_gradient"][(name, "both")], results["ra_gradient"][(name, "long")]
+    # same objective value (the option only changes where the RA gradient flows) ...
+    assert long["loss"] == pytest.approx(both["loss"], rel=1e-6) and both["ra"] > 0
+    # ... and a different update: the option is not accepted and ignored
+    assert any(not torch.equal(both["weights"][k], long["weights"][k]) for k in both["weights"])
