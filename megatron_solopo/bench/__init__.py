@@ -15,8 +15,10 @@ Outputs (docs/benchmarks.md describes every field): `bench-<preset>-<tag>.json` 
 Markdown table and PNG plots regenerated from every JSON in that folder (`--report DIR` redoes only
 that). `--device cpu` is a toy mode (tiny preset, short lengths) that the tests run end to end.
 
-Why trials run in this process instead of a subprocess per trial: a subprocess pays the import and the
-model build (tens of seconds for a 1.1B model) per trial, which the GPU budget cannot afford. Instead
+Why `solopo bench`'s search trials run in this process instead of a subprocess per trial: a subprocess
+pays the import and the model build (tens of seconds for a 1.1B model) per trial. (The GPU session does
+the opposite for its few max-length probes, one process each, lengths planned by `solopo plan`: probes.py.)
+Instead
 an out-of-memory error is caught at the case boundary, every reference to the failed step's tensors
 is dropped (exception, batch, gradients), then `gc.collect()` and `torch.cuda.empty_cache()` run, and
 the memory still allocated afterwards is recorded (`allocated_after_free_gib`) so a leak would show.
@@ -27,6 +29,9 @@ Modules: config (BenchConfig, Variant, variant specs), flops (FLOP / MFU formula
 pairs), measure (one timed case, OOM caught), search (max-length search), stack (our Megatron runner),
 baseline (transformers / TRL runner), ratios, report (JSON / Markdown / PNG), sweep (BenchRun: one
 invocation's cases and searches), commands (`add_arguments` / `run`, what megatron_solopo.cli calls).
+The GPU session (benchmarks/gpu_session.sh): session (plan, runner, dry run), probes (planned max-length
+probes and the planner's verdict), junit_live (a pytest plugin rewriting JUnit XML after every test),
+session_sim (simulated steps for the CPU test of the whole plan), session_report (`--report`).
 The package exports only the entry points below; import everything else from its defining module.
 """
 

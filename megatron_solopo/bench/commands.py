@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import datetime
 import pathlib
+import signal
 import sys
 import time
 
@@ -154,6 +155,23 @@ def _init_parallel(cfg: BenchConfig) -> None:
         torch.cuda.set_per_process_memory_fraction(min(1.0, cfg.gpu_memory_cap_gib / total))
 
 
+def _save_on_sigterm(bench: BenchRun):
+    """SIGTERM (a time cap, the GPU session's runner) ends the run through its `finally`: the JSON is saved
+    with status 'aborted (SIGTERM)' and what was measured so far, instead of the process dying unsaved.
+    Returns the previous handler (restored when the run ends); None off the main thread (nothing installed)."""
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        return None
+
+    def stop(signum, frame):  # noqa: ARG001
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save
+        bench.doc["status"] = "aborted (SIGTERM)"
+        raise SystemExit(128 + signum)
+
+    return signal.signal(signal.SIGTERM, stop)
+
+
 def run(args: argparse.Namespace) -> int:
     if args.report:
         for path in regenerate_report(pathlib.Path(args.report)):
@@ -172,8 +190,10 @@ def run(args: argparse.Namespace) -> int:
     bench = BenchRun(cfg, folder, tag, sys.argv[2:] if len(sys.argv) > 2 else [])
     bench.doc["baseline"] = {"requested": cfg.baseline, "kind": baseline,
                              "description": BASELINE_DESCRIPTIONS.get(baseline)}
+    previous_handler = _save_on_sigterm(bench)
     _init_parallel(cfg)
     try:
+        bench.save()  # from the start: a run killed before its first case still leaves its settings
         for factory, objectives, modes, label in _runners(cfg, bench.preset, baseline):
             if bench.out_of_time():
                 bench.doc["runners"].append({"runner": label, "status": "skipped (time budget)"})
@@ -203,6 +223,8 @@ def run(args: argparse.Namespace) -> int:
         from megatron_solopo.parallel import destroy_parallel
 
         destroy_parallel()
+        if previous_handler is not None:
+            signal.signal(signal.SIGTERM, previous_handler)
     for path in [bench.path, *regenerate_report(folder)]:
         print(f"wrote {path}")
     return 0
