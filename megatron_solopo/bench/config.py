@@ -10,6 +10,7 @@ OBJECTIVES = ("orpo", "dpo", "simpo")
 MODES = ("solo", "long")
 BACKENDS = ("te", "sdpa", "local")
 RECOMPUTES = ("none", "selective", "full")
+RA_GRADIENT = ("both", "long")  # objectives.RA_GRADIENT; not imported: this module stays free of torch
 BASELINE_KINDS = ("auto", "trl", "transformers", "none")
 
 
@@ -31,6 +32,8 @@ class Variant:
     """Base objectives measured with this variant."""
     modes: tuple[str, ...] = MODES
     """solo (SoLoPO: 2 short + 1 long sequence per pair) and/or long (2 long sequences per pair)."""
+    ra_gradient: str = "both"
+    """Where the SoLo-RA gradient flows in solo mode: both | long (objective.ra_gradient, docs/objectives.md)."""
 
     def __post_init__(self) -> None:
         where = f"bench variant {self.name!r}"
@@ -44,6 +47,8 @@ class Variant:
             raise ValueError(f"{where}: fp8={self.fp8} needs backend=te (FP8 runs through Transformer Engine)")
         if self.packing and self.attention_backend == "local":
             raise ValueError(f"{where}: Megatron's local attention cannot run packed (THD) rows; add packing=off")
+        if self.ra_gradient not in RA_GRADIENT:
+            raise ValueError(f"{where}: ra_gradient={self.ra_gradient!r} is not one of {', '.join(RA_GRADIENT)}")
         bad = [o for o in self.objectives if o not in OBJECTIVES] + [m for m in self.modes if m not in MODES]
         if bad or not self.objectives or not self.modes:
             raise ValueError(f"{where}: objectives must be a non-empty subset of {OBJECTIVES} and modes of "
@@ -72,8 +77,8 @@ DEFAULT_CPU_VARIANTS: tuple[Variant, ...] = (
 def parse_variant(spec: str, known: Sequence[Variant]) -> Variant:
     """A variant from a name in `known` or a spec 'NAME:key=value,...'.
 
-    Keys: backend, fp8 (off|hybrid|e4m3), recompute, packing (on|off), objectives and modes
-    ('+'-separated, e.g. objectives=orpo+dpo). Example: 'sdpa-full:backend=sdpa,recompute=full'.
+    Keys: backend, fp8 (off|hybrid|e4m3), recompute, packing (on|off), ra_gradient (both|long), objectives
+    and modes ('+'-separated, e.g. objectives=orpo+dpo). Example: 'sdpa-full:backend=sdpa,recompute=full'.
     """
     by_name = {v.name: v for v in known}
     if ":" not in spec:
@@ -91,8 +96,8 @@ def parse_variant(spec: str, known: Sequence[Variant]) -> Variant:
             fields["attention_backend"] = value
         elif key == "fp8":
             fields["fp8"] = None if value == "off" else value
-        elif key == "recompute":
-            fields["recompute"] = value
+        elif key in ("recompute", "ra_gradient"):
+            fields[key] = value
         elif key == "packing":
             if value not in ("on", "off"):
                 raise ValueError(f"bench variant {spec!r}: packing must be on or off, got {value!r}")
@@ -101,7 +106,7 @@ def parse_variant(spec: str, known: Sequence[Variant]) -> Variant:
             fields[key] = tuple(value.split("+"))
         else:
             raise ValueError(f"bench variant {spec!r}: unknown key {key!r} "
-                             "(backend, fp8, recompute, packing, objectives, modes)")
+                             "(backend, fp8, recompute, packing, ra_gradient, objectives, modes)")
     return Variant(**fields)
 
 

@@ -24,8 +24,9 @@ class StackRunner:
     def make_step(self, objective: str, mode: str, long_len: int) -> Callable[[], None]:
         """A closure running one optimizer step of this objective/mode at `long_len` (batch built once)."""
         samples = synthetic_samples(objective, mode, long_len, self.cfg, self.preset.vocab_size)
-        microbatches = _stack_microbatches(self.state, samples, objective, mode)
-        return lambda: _stack_train_step(self.state, microbatches, objective, mode)
+        objective_config = _objective_config(objective, mode, self.variant)
+        microbatches = _stack_microbatches(self.state, samples, objective_config)
+        return lambda: _stack_train_step(self.state, microbatches, objective_config)
 
     def recover(self) -> None:
         """After a failed step: empty the gradient buffers and Megatron's global memory buffer (sized by the
@@ -83,22 +84,27 @@ def _build_stack(preset, variant: Variant, cfg: BenchConfig) -> _StackState:
                        device=cfg.device)
 
 
-def _stack_microbatches(state: _StackState, samples: list[dict], objective: str, mode: str) -> list:
-    """One micro-batch holding every pair of the step (collate_microbatches), already on the device."""
+def _objective_config(objective: str, mode: str, variant: Variant):
+    """The objective section a training run with this objective/mode would have (ra_gradient: solo only)."""
     from megatron_solopo.objectives import ObjectiveConfig
+
+    solo_only = {"ra_gradient": variant.ra_gradient} if mode == "solo" else {}
+    return ObjectiveConfig(name=objective, mode=mode, **solo_only)
+
+
+def _stack_microbatches(state: _StackState, samples: list[dict], objective_config) -> list:
+    """One micro-batch holding every pair of the step (collate_microbatches), already on the device."""
     from megatron_solopo.training.batching import collate_microbatches
 
-    microbatches = collate_microbatches(samples, ObjectiveConfig(name=objective, mode=mode), state.parallel,
+    microbatches = collate_microbatches(samples, objective_config, state.parallel,
                                         state.layout, micro_batch_pairs=len(samples),
                                         pad_to_multiple_of=state.pad_to_multiple_of)
     return [mb.to(state.device) for mb in microbatches]
 
 
-def _stack_train_step(state: _StackState, microbatches: list, objective: str, mode: str) -> None:
+def _stack_train_step(state: _StackState, microbatches: list, objective_config) -> None:
     """The one call into the training room: one optimizer step of our stack (training.step.train_step)."""
-    from megatron_solopo.objectives import ObjectiveConfig
     from megatron_solopo.training.step import train_step
 
-    train_step(state.chunks, state.optimizer, None, microbatches, ObjectiveConfig(name=objective, mode=mode),
-               state.parallel, state.steps_taken)
+    train_step(state.chunks, state.optimizer, None, microbatches, objective_config, state.parallel, state.steps_taken)
     state.steps_taken += 1

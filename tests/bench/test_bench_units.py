@@ -173,6 +173,20 @@ def test_parse_variant():
         parse_variant("nope", DEFAULT_GPU_VARIANTS)
 
 
+def test_variant_ra_gradient_reaches_the_objective():
+    from megatron_solopo.bench.stack import _objective_config
+    from megatron_solopo.objectives import RA_GRADIENT
+    from megatron_solopo.bench.config import RA_GRADIENT as BENCH_RA_GRADIENT
+
+    assert BENCH_RA_GRADIENT == RA_GRADIENT  # the bench's copy (no torch import there) stays in step
+    variant = parse_variant("x:backend=sdpa,ra_gradient=long", [])
+    assert _objective_config("simpo", "solo", variant).resolved_hparams["ra_gradient"] == "long"
+    assert _objective_config("orpo", "solo", Variant("y", "sdpa")).resolved_hparams["ra_gradient"] == "both"
+    assert "ra_gradient" not in _objective_config("orpo", "long", variant).resolved_hparams
+    with pytest.raises(ValueError, match="ra_gradient='short' is not one of both, long"):
+        parse_variant("x:backend=sdpa,ra_gradient=short", [])
+
+
 def _cfg(**kw):
     base = dict(preset="tiny", device="cpu", dtype="fp32", long_lengths=(128, 256), short_length=64,
                 response_length=16)
