@@ -22,7 +22,8 @@ from statistics import NormalDist
 
 import numpy as np
 
-__all__ = ["bootstrap_ci", "mcnemar_exact", "paired_bootstrap", "mdd_two_proportions", "mdd_mcnemar"]
+__all__ = ["bootstrap_ci", "mcnemar_exact", "paired_bootstrap", "mdd_two_proportions", "mdd_mcnemar",
+           "mcnemar_items_needed"]
 
 DEFAULT_RESAMPLES = 10_000
 
@@ -121,6 +122,23 @@ def mdd_two_proportions(n_per_arm: int, base_rate: float = 0.5, alpha: float = 0
     return (_z(1.0 - alpha / 2.0) + _z(power)) * math.sqrt(2.0 * base_rate * (1.0 - base_rate) / n_per_arm)
 
 
+def _mcnemar_items(difference: float, discordant_rate: float, alpha: float, power: float) -> float:
+    """Connor (1987): n = (z_a sqrt(psi) + z_b sqrt(psi - d^2))^2 / d^2 paired items (not rounded)."""
+    z_a, z_b = _z(1.0 - alpha / 2.0), _z(power)
+    spread = math.sqrt(max(discordant_rate - difference * difference, 0.0))
+    return (z_a * math.sqrt(discordant_rate) + z_b * spread) ** 2 / difference ** 2
+
+
+def mcnemar_items_needed(difference: float, discordant_rate: float, alpha: float = 0.05, power: float = 0.8) -> int:
+    """Paired items the McNemar test needs to detect a difference of accuracies `difference` with
+    probability `power` at two-sided level `alpha`, when a share `discordant_rate` (psi) of the items is
+    right for one model only: the inverse of `mdd_mcnemar` (the sample size of a pre-registration)."""
+    if not 0.0 < difference <= discordant_rate <= 1.0:
+        raise ValueError(f"need 0 < difference <= discordant_rate <= 1 (only discordant items can differ), "
+                         f"got difference={difference}, discordant_rate={discordant_rate}")
+    return math.ceil(_mcnemar_items(difference, discordant_rate, alpha, power) - 1e-9)
+
+
 def mdd_mcnemar(n_items: int, discordant_rate: float, alpha: float = 0.05, power: float = 0.8) -> float:
     """Smallest difference of paired accuracies the McNemar test detects, for n items of which a share
     `discordant_rate` (psi) are right for one model only (Connor 1987: n = (z_a sqrt(psi) + z_b
@@ -128,10 +146,9 @@ def mdd_mcnemar(n_items: int, discordant_rate: float, alpha: float = 0.05, power
     detectable (the difference cannot exceed the discordant share)."""
     if n_items < 1 or not 0.0 < discordant_rate <= 1.0:
         raise ValueError(f"need n_items >= 1 and discordant_rate in (0, 1], got {n_items}, {discordant_rate}")
-    z_a, z_b = _z(1.0 - alpha / 2.0), _z(power)
 
     def needed_items(d: float) -> float:
-        return (z_a * math.sqrt(discordant_rate) + z_b * math.sqrt(max(discordant_rate - d * d, 0.0))) ** 2 / d ** 2
+        return _mcnemar_items(d, discordant_rate, alpha, power)
 
     lo, hi = 1e-9, discordant_rate  # |d| <= psi: only discordant items can differ
     if needed_items(hi) > n_items:

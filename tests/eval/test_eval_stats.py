@@ -7,6 +7,7 @@ import pytest
 from megatron_solopo.eval.stats import (
     bootstrap_ci,
     mcnemar_exact,
+    mcnemar_items_needed,
     mdd_mcnemar,
     mdd_two_proportions,
     paired_bootstrap,
@@ -87,3 +88,14 @@ def test_paired_functions_need_aligned_items():
         mcnemar_exact([0.5, 1], [1, 0])
     with pytest.raises(ValueError, match="confidence"):
         paired_bootstrap([1], [1], confidence=1.5)
+
+
+def test_mcnemar_items_needed_inverts_the_detectable_difference():
+    # by hand, psi 0.2, d 0.1: (1.95996 * 0.44721 + 0.84162 * 0.43589)^2 / 0.01 = 154.6 -> 155 items
+    assert mcnemar_items_needed(0.1, 0.2) == 155
+    for psi in (0.15, 0.3, 0.5):
+        n = mcnemar_items_needed(0.1, psi)
+        assert mdd_mcnemar(n, psi) <= 0.1 < mdd_mcnemar(n - 1, psi)
+    assert mcnemar_items_needed(0.1, 0.3, power=0.9) > mcnemar_items_needed(0.1, 0.3)
+    with pytest.raises(ValueError, match="only discordant items can differ"):
+        mcnemar_items_needed(0.3, 0.2)
