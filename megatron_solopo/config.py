@@ -153,13 +153,41 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
     return data
 
 
+class _DuplicateKey(yaml.YAMLError):
+    """A mapping of a YAML file gives one key twice."""
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML silently keeps the last one)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise _DuplicateKey(f"key {key!r} is given twice (line {seen[key]} and line {line}); only one "
+                                    "can apply: remove the other")
+            seen[key] = line
+        return super().construct_mapping(node, deep=deep)
+
+
 def load_yaml(path: str | pathlib.Path) -> dict[str, Any]:
-    """Reads a YAML config file into a dict, with a clear error for a missing or malformed file."""
+    """Reads a YAML config file into a dict, with a clear error for a missing, malformed or ambiguous file
+    (a key given twice in one section)."""
+    from megatron_solopo.console import relative_path_hint
+
     path = pathlib.Path(path)
+    if path.is_dir():
+        raise ConfigError(f"config file {path} is a directory; give a YAML file (e.g. {path}/<name>.yaml)")
     if not path.is_file():
-        raise ConfigError(f"config file {path} does not exist")
+        raise ConfigError(f"config file {path} does not exist" + relative_path_hint(path))
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader) or {}
+    except UnicodeDecodeError as err:
+        raise ConfigError(f"config file {path} is not UTF-8 text (byte offset {err.start}); re-save it as UTF-8") from None
+    except _DuplicateKey as err:
+        raise ConfigError(f"config file {path}: {err}") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"config file {path} is not valid YAML: {err}") from err
     if not isinstance(data, dict):
@@ -225,5 +253,15 @@ def load_config(source: str | pathlib.Path | Mapping[str, Any] | None = None,
 
 
 def save_config(config: Any, path: str | pathlib.Path) -> None:
-    """Writes a config dataclass as YAML (the run directory keeps the exact config it ran with)."""
-    pathlib.Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+    """Writes a config dataclass as YAML (the run directory keeps the exact config it ran with), under a
+    temporary name renamed over `path`: a full disk never leaves half a config.yaml in place of the old one."""
+    import os
+
+    path = pathlib.Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        tmp.write_text(yaml.safe_dump(to_dict(config), sort_keys=False), encoding="utf-8")
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

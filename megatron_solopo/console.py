@@ -22,7 +22,8 @@ import uuid
 import warnings
 
 __all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "UserError", "WrongFieldType", "check_writable_dir",
-           "describe_error", "launcher_rank", "mute_dependency_warnings", "report_error",
+           "describe_error", "launcher_rank", "mute_dependency_warnings", "relative_path_hint", "removed_if_left_empty",
+           "report_error",
            "DEPENDENCY_WARNINGS"]
 
 EXIT_USER_ERROR = 2  # as argparse exits on a bad command line: the input is wrong, not the program
@@ -45,6 +46,7 @@ _OS_ERROR_FIXES = {
     errno.ENOSPC: "the disk is full: free space or choose another directory",
     errno.ENOTDIR: "a part of the path is a file, not a directory: choose another path",
     errno.EISDIR: "the path is a directory where a file was expected",
+    errno.EEXIST: "a file is where a directory should be created: choose another path",
     errno.ENOENT: "check the path",
 }
 
@@ -57,6 +59,12 @@ def describe_error(err: BaseException) -> str:
     else:
         text = str(err) or type(err).__name__
     return " ".join(text.split())  # one line, whatever the message's layout
+
+
+def relative_path_hint(path: str | os.PathLike) -> str:
+    """What to add to a message about a path that was not found: for a relative path, the working directory it
+    was resolved from (a command run from another directory than the config's author's)."""
+    return "" if pathlib.Path(path).is_absolute() else f" (relative to the working directory {pathlib.Path.cwd()})"
 
 
 def launcher_rank() -> int:
@@ -108,6 +116,22 @@ def check_writable_dir(path: str | os.PathLike, setting: str) -> pathlib.Path:
     return path
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(path: str | os.PathLike, enabled: bool = True):
+    """For a command that creates its output directory `path` up front (check_writable_dir): when the command
+    then fails, the directory is removed again if it did not exist before and is still empty, so a refused or
+    failed command leaves nothing behind. `enabled=False` (ranks other than 0) does nothing."""
+    path = pathlib.Path(path)
+    created_now = enabled and not path.exists()
+    try:
+        yield path
+    except BaseException:
+        if created_now:
+            with contextlib.suppress(OSError):  # not empty (or gone): keep it
+                path.rmdir()
+        raise
+
+
 # Messages of optional-dependency and deprecation warnings that Megatron-Core, Transformer Engine and
 # torch print at every import on a machine without TE/apex/CUDA: the user can do nothing about them
 # in the middle of a run, and `solopo env` reports what is missing in one line.
@@ -119,15 +143,42 @@ DEPENDENCY_WARNINGS = (
     r".*[Tt]ransformer[ _][Ee]ngine.*not installed",
 )
 _TORCH_NOISE_LOGGERS = ("torch.utils.cpp_extension",)  # "No CUDA runtime is found" on CPU machines
+_NOISE_WARNINGS = (
+    r"torch.distributed is disabled, unavailable or uninitialized",  # torch.distributed.checkpoint in one process
+)
+_NOISE_LOG_MESSAGES = {
+    # once per rank at every first save: the project saves synchronously, so the notice is about nothing it does
+    "megatron.core.dist_checkpointing.strategies.torch": "async save is deprecated",
+    # the distributed optimizer's layout, computed inside DDP as intended: an API notice for Megatron's callers
+    "megatron.core.distributed.distributed_data_parallel": "full_param_layout not provided",
+}
+
+
+class _DropMessage(logging.Filter):
+    def __init__(self, text: str):
+        super().__init__()
+        self.text = text
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return self.text not in record.getMessage()
 
 
 def mute_dependency_warnings() -> None:
-    """Hides DEPENDENCY_WARNINGS (unless SOLOPO_SHOW_WARNINGS=1 or python -W says otherwise)."""
-    if os.environ.get("SOLOPO_SHOW_WARNINGS") == "1" or sys.warnoptions:
+    """Hides DEPENDENCY_WARNINGS and the few notices of Megatron-Core and torch that describe their own API,
+    not the run (_NOISE_WARNINGS, _NOISE_LOG_MESSAGES), unless SOLOPO_SHOW_WARNINGS=1 or python -W says
+    otherwise. Every other warning is shown."""
+    if os.environ.get("SOLOPO_SHOW_WARNINGS") == "1":
         return
-    for message in DEPENDENCY_WARNINGS:
-        warnings.filterwarnings("ignore", message=message, category=UserWarning)
-        warnings.filterwarnings("ignore", message=message, category=FutureWarning)
-        warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+    if not sys.warnoptions:  # python -W / PYTHONWARNINGS decide about warnings (not about log records)
+        for message in DEPENDENCY_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
+            warnings.filterwarnings("ignore", message=message, category=FutureWarning)
+            warnings.filterwarnings("ignore", message=message, category=DeprecationWarning)
+        for message in _NOISE_WARNINGS:
+            warnings.filterwarnings("ignore", message=message, category=UserWarning)
     for name in _TORCH_NOISE_LOGGERS:
         logging.getLogger(name).setLevel(logging.ERROR)
+    for name, text in _NOISE_LOG_MESSAGES.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessage) and f.text == text for f in logger.filters):
+            logger.addFilter(_DropMessage(text))

@@ -155,6 +155,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="section.key=value", help="config overrides")
     args = parser.parse_args(argv)
 
+    from megatron_solopo.console import mute_dependency_warnings
+
+    mute_dependency_warnings()  # as `solopo` does: SOLOPO_SHOW_WARNINGS=1 shows them
     from megatron_solopo.config import load_config
     from megatron_solopo.training.memory_estimate import plan_layout
 

@@ -167,6 +167,7 @@ def _save_on_sigterm(bench: BenchRun):
     def stop(signum, frame):  # noqa: ARG001
         signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the save
         bench.doc["status"] = "aborted (SIGTERM)"
+        bench.stop_signal = signum  # if library code swallows the SystemExit, the next case boundary raises it again
         raise SystemExit(128 + signum)
 
     return signal.signal(signal.SIGTERM, stop)
@@ -195,6 +196,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         bench.save()  # from the start: a run killed before its first case still leaves its settings
         for factory, objectives, modes, label in _runners(cfg, bench.preset, baseline):
+            bench.check_stop()
             if bench.out_of_time():
                 bench.doc["runners"].append({"runner": label, "status": "skipped (time budget)"})
                 continue
@@ -215,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
             del runner
             # what the next runner inherits: should be ~0 unless a library kept a reference
             record["allocated_after_close_gib"] = free_memory(cfg.device)
+        bench.check_stop()
         bench.doc["status"] = "incomplete (time budget)" if bench.out_of_time() else "complete"
     finally:
         if bench.doc["status"] == "running":

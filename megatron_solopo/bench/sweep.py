@@ -35,6 +35,9 @@ class BenchRun:
         self.preset = get_preset(cfg.preset)
         self.path = folder / f"bench-{cfg.preset}-{tag}.json"
         self.started = time.monotonic()
+        self.stop_signal: int | None = None
+        """Set by the SIGTERM handler (bench.commands): the run ends at the next case boundary at the latest,
+        even when library code swallowed the SystemExit the handler raised (a bare `except:`)."""
         self.doc: dict[str, Any] = {
             "schema": SCHEMA, "tag": tag, "status": "running",
             "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
@@ -48,6 +51,11 @@ class BenchRun:
     def save(self) -> None:
         self.doc["ratios"] = compute_ratios(self.doc["cases"], self.doc["searches"])
         write_json_atomic(self.path, self.doc)
+
+    def check_stop(self) -> None:
+        """SystemExit(128 + signal) when a stop signal arrived: called before every case and search trial."""
+        if self.stop_signal is not None:
+            raise SystemExit(128 + self.stop_signal)
 
     def out_of_time(self) -> bool:
         budget = self.cfg.time_budget_s
@@ -78,6 +86,7 @@ class BenchRun:
             elif self.out_of_time():
                 case = self._skipped(runner, objective, mode, length, "time budget spent")
             else:
+                self.check_stop()
                 case = dataclasses.asdict(run_case(runner, objective, mode, length, self.cfg, self.cfg.peak_tflops))
                 print(_case_line(case), flush=True)
                 failed_at = length if case["status"] == "oom" else None
@@ -94,6 +103,7 @@ class BenchRun:
         def fits(length: int) -> bool:
             if self.out_of_time():
                 raise TimeoutError("time budget spent")
+            self.check_stop()
             case = run_case(runner, objective, mode, length, self.cfg, None, steps=(0, 1))
             print(f"  search {runner.name}/{runner.variant_name} {mode}-{objective} {length}: {case.status}", flush=True)
             if case.status == "error":

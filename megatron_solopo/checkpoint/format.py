@@ -7,11 +7,12 @@ A checkpoint directory (converted by `solopo convert hf-to-mcore`, or a training
     config.yaml                              trained only: the experiment config that produced it
     solopo_checkpoint.json                   the marker, written last (the completion signal)
 
-A training checkpoint also holds `manifest.json` (`write_manifest`, written after every other file,
-just before the directory is published): the relative name and size in bytes of every file. Loading
-checks it (`verify_manifest`) so a truncated, emptied or missing file is reported by path instead of
-failing inside torch.distributed.checkpoint; a checkpoint without a manifest (older saves, converted
-ones) is checked for its marker and a non-empty `.metadata` only.
+Every checkpoint (trained and converted) also holds `manifest.json` (`write_manifest`, written after
+every other file): the relative name and size in bytes of every file. Every reader (resume, a run's
+model.checkpoint, eval, conversion back to HF) checks it first (`check_checkpoint`), so a truncated,
+emptied or missing file is reported by path instead of failing inside torch.distributed.checkpoint;
+a checkpoint without a manifest (older saves, Megatron checkpoints from elsewhere) is checked for a
+valid marker (when it has one) and a non-empty `.metadata` only.
 
 The marker is one JSON object with `format` ("megatron_solopo.checkpoint"), `format_version`,
 `kind` ("converted" | "trained") and what loading needs (`preset`, `dtype`, `hf_assets_dir`;
@@ -28,6 +29,8 @@ import os
 import pathlib
 from collections.abc import Mapping
 from typing import Any
+
+from megatron_solopo.console import UserError, relative_path_hint
 
 MARKER_FILE = "solopo_checkpoint.json"
 """The marker of a complete checkpoint (written last, atomically)."""
@@ -52,8 +55,9 @@ KINDS = (CONVERTED, TRAINED)
 _LEGACY_FORMATS = {"megatron_solopo.mcore_checkpoint": CONVERTED, "megatron_solopo.train_checkpoint": TRAINED}
 
 
-class CheckpointError(RuntimeError):
-    """A checkpoint is missing, incomplete or does not fit this run; the message says which and why."""
+class CheckpointError(UserError, RuntimeError):
+    """A checkpoint is missing, incomplete or does not fit this run; the message says which and why (a user
+    error: `solopo` prints it as one line)."""
 
 
 class MarkerError(CheckpointError, ValueError):
@@ -214,3 +218,21 @@ def verify_manifest(directory: str | os.PathLike) -> list[str]:
         if not index.is_file() or index.stat().st_size == 0:
             problems.append(f"{index} is missing or empty")
     return problems
+
+
+def check_checkpoint(path: str | os.PathLike, fix: str = "use an intact checkpoint or re-create this one") -> None:
+    """CheckpointError naming `path`, every damaged file and `fix` unless the checkpoint directory is intact:
+    its manifest when it has a marker (`verify_manifest`), else (a Megatron checkpoint from elsewhere) a
+    non-empty `.metadata`. What every reader of a checkpoint calls before loading it."""
+    path = pathlib.Path(path)
+    if not path.is_dir():
+        raise CheckpointError(f"checkpoint {path} {'is not a directory' if path.exists() else 'does not exist'}"
+                              + relative_path_hint(path))
+    if marker_path(path).is_file():
+        problems = verify_manifest(path)
+    else:
+        index = path / TORCH_DCP_METADATA_FILE
+        problems = [] if index.is_file() and index.stat().st_size > 0 else [f"{index} is missing or empty"]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}; {fix}")
+

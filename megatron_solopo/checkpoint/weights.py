@@ -16,7 +16,24 @@ from typing import Any
 
 import torch
 
-from megatron_solopo.checkpoint.format import DIST_METADATA_FILE, CheckpointError
+from torch.distributed.checkpoint.api import CheckpointException
+
+from megatron_solopo.checkpoint.format import DIST_METADATA_FILE, CheckpointError, check_checkpoint
+
+READ_ERRORS = (Exception, CheckpointException)
+"""What reading a damaged checkpoint can raise: anything (torch.distributed.checkpoint's CheckpointException
+derives from BaseException, not Exception)."""
+
+
+def error_cause(err: BaseException) -> str:
+    """One line for an error of torch.distributed.checkpoint: the first rank's own exception ("UnpicklingError:
+    invalid load key") instead of CheckpointException's text, which holds every rank's whole traceback."""
+    if isinstance(err, CheckpointException) and err.failures:
+        rank, failure = next(iter(err.failures.items()))
+        cause = failure[0] if isinstance(failure, tuple) and failure else failure
+        return f"{error_cause(cause)} on rank {rank}" if isinstance(cause, BaseException) else str(cause)
+    text = " ".join(str(err).split()) or type(err).__name__
+    return f"{type(err).__name__}: {text[:300]}"
 
 # Same metadata on save and load: optimizer state in a layout-independent ("fully reshardable") form,
 # no prefix per chained sub-optimizer, layers stacked into one tensor per weight.
@@ -53,11 +70,18 @@ def load_model_weights(path: str | os.PathLike, model_chunks: Sequence[torch.nn.
     Engine while this model has TE modules (`load_tolerating_extra_state`). Collective.
     """
     path = pathlib.Path(path)
+    check_checkpoint(path)  # its manifest: a truncated or missing file is named before torch reads it
     if not (path / DIST_METADATA_FILE).is_file():
         raise CheckpointError(f"{path} is not a Megatron distributed checkpoint (no {DIST_METADATA_FILE}); give a "
                               "directory written by `solopo convert hf-to-mcore` or a training checkpoint step_N")
     request = model_sharded_state_dict(model_chunks)
-    loaded = load_tolerating_extra_state(request, path)
+    try:
+        loaded = load_tolerating_extra_state(request, path)
+    except CheckpointError:
+        raise
+    except READ_ERRORS as err:  # torch.distributed.checkpoint raises anything (EOFError, UnpicklingError) on bad files
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({error_cause(err)}); it is damaged or "
+                              "is not a checkpoint of this model: use an intact checkpoint or re-create it") from err
     for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):
         load_module_state(unwrap_model(chunk), loaded[key], where=str(path))
 

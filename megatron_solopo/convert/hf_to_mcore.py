@@ -6,16 +6,27 @@ safetensors files, one tensor at a time.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import os
 import pathlib
+import shutil
 import time
+from collections.abc import Iterator
 
 import torch
 
-from megatron_solopo.checkpoint.format import ASSETS_DIR, CONVERTED, write_marker
+from megatron_solopo.checkpoint.format import ASSETS_DIR, CONVERTED, write_manifest, write_marker
 from megatron_solopo.convert.hf_io import HFCheckpointReader, copy_hf_assets
-from megatron_solopo.convert.mappings import ArchitectureMapping, Geometry, OutputLayer, get_mapping, te_alias
+from megatron_solopo.convert.mappings import (
+    ArchitectureMapping,
+    Geometry,
+    HFShapeMismatch,
+    OutputLayer,
+    expected_hf_shape,
+    get_mapping,
+    te_alias,
+)
 from megatron_solopo.convert.presets_from_hf import infer_preset_from_hf, read_hf_config
 from megatron_solopo.parallel.session import barrier, check_on_rank0, ensure_parallel, is_rank0, parallel_session
 from megatron_solopo.model.config import ModelConfig
@@ -43,6 +54,26 @@ def check_hf_names(reader: HFCheckpointReader, mapping: ArchitectureMapping, pre
         raise ValueError(f"{reader.hf_dir}: the {mapping.hf_architecture} table does not match the files: "
                          f"missing {missing[:8]}{'...' if len(missing) > 8 else ''}, unexpected "
                          f"{extra[:8]}{'...' if len(extra) > 8 else ''} (an unsupported bias or layer type?)")
+    wrong = [(name, tuple(reader.shape(name)), shape) for name in sorted(expected)
+             if (shape := expected_hf_shape(name, preset)) is not None and tuple(reader.shape(name)) != shape]
+    if wrong:
+        shown = "; ".join(f"{name} is {tuple(got)}, config implies {want}" for name, got, want in wrong[:3])
+        raise ValueError(f"{pathlib.Path(reader.hf_dir) / 'config.json'} does not match the weights ({shown}"
+                         f"{'; ...' if len(wrong) > 3 else ''}; from hidden_size={preset.hidden_size}, "
+                         f"num_attention_heads={preset.num_attention_heads}, num_key_value_heads="
+                         f"{preset.num_query_groups}, head_dim={preset.head_dim}, intermediate_size="
+                         f"{preset.ffn_hidden_size}, vocab_size={preset.vocab_size}); fix config.json or use the "
+                         "weights it was written for")
+
+
+def check_hf_model(hf_dir: str | os.PathLike) -> ModelPreset:
+    """The architecture of the HF model directory `hf_dir` after checking, from the safetensors headers only,
+    that its tensors are the ones and have the shapes its config.json implies (ValueError naming the file
+    otherwise). What evaluation and sampling call before transformers loads the model."""
+    preset = infer_preset_from_hf(hf_dir)
+    with HFCheckpointReader(hf_dir) as reader:
+        check_hf_names(reader, get_mapping(preset.architecture), preset)
+    return preset
 
 
 def _resolve_name(state: dict, mcore_name: str) -> str | None:
@@ -82,10 +113,14 @@ def load_hf_weights(model, reader: HFCheckpointReader, preset: ModelPreset, tp_r
         name = _resolve_name(state, mcore_name)
         if name is None:
             continue
-        value = entry.to_mcore(reader, geom, tp_rank, tp_size, tied=preset.tie_embeddings)
+        hf_names = entry.hf_names(preset.tie_embeddings)
+        try:
+            value = entry.to_mcore(reader, geom, tp_rank, tp_size, tied=preset.tie_embeddings)
+        except (RuntimeError, IndexError, HFShapeMismatch) as err:  # the config's geometry does not fit the tensors
+            raise ValueError(_geometry_mismatch(reader, hf_names, preset, err)) from None
         target = state[name]
         if tuple(value.shape) != tuple(target.shape):
-            raise ValueError(f"{name}: HF tensors {entry.hf_names(preset.tie_embeddings)} give shape "
+            raise ValueError(f"{name}: HF tensors {hf_names} give shape "
                              f"{tuple(value.shape)} on tp rank {tp_rank}, the model expects "
                              f"{tuple(target.shape)}; does config.json match the weights?")
         with torch.no_grad():
@@ -95,6 +130,15 @@ def load_hf_weights(model, reader: HFCheckpointReader, preset: ModelPreset, tp_r
     if unfilled:
         raise ValueError(f"the {mapping.hf_architecture} table has no HF source for {unfilled}; the model "
                          "was built with a layout the table does not describe")
+
+
+def _geometry_mismatch(reader: HFCheckpointReader, hf_names, preset: ModelPreset, err: BaseException) -> str:
+    shapes = ", ".join(f"{n} {tuple(reader.shape(n))}" for n in hf_names if n in reader)
+    return (f"{pathlib.Path(reader.hf_dir) / 'config.json'} does not match the weights: {shapes} cannot be split "
+            f"with hidden_size={preset.hidden_size}, num_attention_heads={preset.num_attention_heads}, "
+            f"num_key_value_heads={preset.num_query_groups}, head_dim={preset.head_dim}, "
+            f"intermediate_size={preset.ffn_hidden_size} ({' '.join(str(err).split())[:200]}); fix config.json or "
+            "use the weights it was written for")
 
 
 def load_hf_into_mcore(hf_dir: str | os.PathLike, parallel_config: ParallelConfig | None = None,
@@ -154,6 +198,24 @@ def check_output_dir(out_dir: pathlib.Path) -> None:
     check_writable_dir(out_dir, "--output")
 
 
+@contextlib.contextmanager
+def fresh_output_dir(out_dir: pathlib.Path) -> Iterator[None]:
+    """Checks --output (`check_output_dir`, on rank 0) and, when the conversion then fails, removes what it
+    wrote there (rank 0): a failed conversion leaves no half-written or empty --output behind."""
+    existed = out_dir.exists()
+    check_on_rank0(lambda: check_output_dir(out_dir))
+    try:
+        yield
+    except BaseException:
+        if is_rank0():
+            if existed:  # it was empty: empty it again
+                for child in list(out_dir.iterdir()) if out_dir.is_dir() else []:
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+            else:
+                shutil.rmtree(out_dir, ignore_errors=True)
+        raise
+
+
 def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
                         parallel: ParallelConfig | None = None, dtype: str = "bf16",
                         log=print) -> pathlib.Path:
@@ -161,7 +223,8 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
 
     Layout of `out_dir`: the `dist_checkpointing` files (`.metadata`, `*.distcp`, `metadata.json`),
     `hf_assets/` (config.json, tokenizer files, generation config, chat template, license) and
-    `solopo_checkpoint.json` (written last). The checkpoint loads at any TP/PP (dist_checkpointing
+    `solopo_checkpoint.json` (the completion marker), then `manifest.json` (every file's size, verified by
+    every reader). A failed conversion removes what it wrote (`fresh_output_dir`). The checkpoint loads at any TP/PP (dist_checkpointing
     reshards), so converting at tp=pp=1 in one process is enough; `parallel` with tp/pp > 1 needs that
     many processes (torchrun) and only splits the reading work.
     """
@@ -174,9 +237,8 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
     from megatron_solopo.checkpoint.loader import load_model
 
     start = time.perf_counter()
-    with parallel_session(parallel, backend="gloo"):
+    with parallel_session(parallel, backend="gloo"), fresh_output_dir(out_dir):
         rank0 = is_rank0()
-        check_on_rank0(lambda: check_output_dir(out_dir))
         if rank0:
             out_dir.mkdir(parents=True, exist_ok=True)
         barrier()
@@ -191,7 +253,8 @@ def convert_hf_to_mcore(hf_dir: str | os.PathLike, out_dir: str | os.PathLike,
         if rank0:
             copy_hf_assets(hf_dir, out_dir / ASSETS_DIR)
             meta = checkpoint_metadata(preset, dtype, parallel, str(hf_dir.resolve()), read_hf_config(hf_dir))
-            write_marker(out_dir, CONVERTED, meta)  # last: the completion marker
+            write_marker(out_dir, CONVERTED, meta)  # the completion marker
+            write_manifest(out_dir)  # then every file's size, which every reader verifies (check_checkpoint)
         barrier()
     if rank0:
         log(f"wrote the Megatron-Core checkpoint {out_dir} in {time.perf_counter() - start:.1f} s")

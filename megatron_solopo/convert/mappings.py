@@ -61,6 +61,18 @@ class Geometry:
         return self.num_attention_heads // self.num_query_groups
 
 
+class HFShapeMismatch(ValueError):
+    """An HF tensor's shape is not the one config.json implies (the loader names the config file)."""
+
+
+def _check_rows(reader: TensorReader, name: str, expected: int, what: str) -> None:
+    """A fused mapping reads row ranges: a tensor with more (or fewer) rows than the config implies would
+    otherwise be cut silently."""
+    rows = reader.shape(name)[0]
+    if rows != expected:
+        raise HFShapeMismatch(f"{name} has {rows} rows, the config implies {expected} ({what})")
+
+
 def _rank_range(total: int, tp_rank: int, tp_size: int, what: str) -> tuple[int, int]:
     if total % tp_size:
         raise ValueError(f"{what} ({total}) is not divisible by tensor-parallel size {tp_size}; "
@@ -114,8 +126,14 @@ class FusedQKV:
 
     def to_mcore(self, reader: TensorReader, geom: Geometry, tp_rank: int, tp_size: int,
                  tied: bool = False) -> torch.Tensor:
+        d, hpg = geom.head_dim, geom.heads_per_group
+        _check_rows(reader, self.hf_q, geom.num_attention_heads * d, f"num_attention_heads {geom.num_attention_heads}"
+                    f" x head_dim {d}")
+        for name in (self.hf_k, self.hf_v):
+            _check_rows(reader, name, geom.num_query_groups * d, f"num_key_value_heads {geom.num_query_groups} x "
+                        f"head_dim {d}")
         g0, g1 = _rank_range(geom.num_query_groups, tp_rank, tp_size, "kv heads (query groups)")
-        groups, d, hpg = g1 - g0, geom.head_dim, geom.heads_per_group
+        groups = g1 - g0
         q = reader.read_range(self.hf_q, 0, g0 * hpg * d, g1 * hpg * d)  # [groups*hpg*d, (h)]
         k = reader.read_range(self.hf_k, 0, g0 * d, g1 * d)              # [groups*d, (h)]
         v = reader.read_range(self.hf_v, 0, g0 * d, g1 * d)
@@ -147,6 +165,8 @@ class FusedGateUp:
 
     def to_mcore(self, reader: TensorReader, geom: Geometry, tp_rank: int, tp_size: int,
                  tied: bool = False) -> torch.Tensor:
+        for name in (self.hf_gate, self.hf_up):
+            _check_rows(reader, name, geom.ffn_hidden_size, "intermediate_size")
         r0, r1 = _rank_range(geom.ffn_hidden_size, tp_rank, tp_size, "ffn hidden size")
         return torch.cat([reader.read_range(self.hf_gate, 0, r0, r1), reader.read_range(self.hf_up, 0, r0, r1)],
                          dim=0)  # [2*ffn/tp, h]
@@ -273,6 +293,36 @@ QWEN2 = ArchitectureMapping(
 MISTRAL = ArchitectureMapping("mistral", "MistralForCausalLM", "mistral", _LLAMA_GLOBAL, _LLAMA_LAYER)
 
 ARCHITECTURE_MAPPINGS: dict[str, ArchitectureMapping] = {m.name: m for m in (LLAMA, QWEN2, MISTRAL)}
+
+# The shape config.json implies for each HF tensor of these architectures, by name suffix (h = hidden_size,
+# q / kv = attention heads / key-value heads x head_dim, ffn = intermediate_size, v = vocab_size).
+_HF_SHAPES = {
+    "embed_tokens.weight": lambda h, q, kv, ffn, v: (v, h),
+    "lm_head.weight": lambda h, q, kv, ffn, v: (v, h),
+    "norm.weight": lambda h, q, kv, ffn, v: (h,),
+    "layernorm.weight": lambda h, q, kv, ffn, v: (h,),
+    "q_proj.weight": lambda h, q, kv, ffn, v: (q, h),
+    "k_proj.weight": lambda h, q, kv, ffn, v: (kv, h),
+    "v_proj.weight": lambda h, q, kv, ffn, v: (kv, h),
+    "q_proj.bias": lambda h, q, kv, ffn, v: (q,),
+    "k_proj.bias": lambda h, q, kv, ffn, v: (kv,),
+    "v_proj.bias": lambda h, q, kv, ffn, v: (kv,),
+    "o_proj.weight": lambda h, q, kv, ffn, v: (h, q),
+    "gate_proj.weight": lambda h, q, kv, ffn, v: (ffn, h),
+    "up_proj.weight": lambda h, q, kv, ffn, v: (ffn, h),
+    "down_proj.weight": lambda h, q, kv, ffn, v: (h, ffn),
+}
+
+
+def expected_hf_shape(name: str, preset) -> tuple[int, ...] | None:
+    """The shape `preset` (read from config.json) implies for the HF tensor `name`; None for a name this
+    table does not know."""
+    d = preset.head_dim
+    for suffix, shape in _HF_SHAPES.items():
+        if name.endswith(suffix):
+            return shape(preset.hidden_size, preset.num_attention_heads * d, preset.num_query_groups * d,
+                         preset.ffn_hidden_size, preset.vocab_size)
+    return None
 
 
 def get_mapping(architecture: str) -> ArchitectureMapping:

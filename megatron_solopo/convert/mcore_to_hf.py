@@ -17,7 +17,7 @@ import torch
 
 from megatron_solopo.checkpoint.format import ASSETS_DIR, CheckpointMarker, marker_path, read_marker
 from megatron_solopo.convert.hf_io import HFShardWriter, copy_hf_assets, parse_size
-from megatron_solopo.convert.hf_to_mcore import _resolve_name, check_output_dir, weight_state
+from megatron_solopo.convert.hf_to_mcore import _resolve_name, fresh_output_dir, weight_state
 from megatron_solopo.convert.mappings import Geometry, get_mapping
 from megatron_solopo.convert.presets_from_hf import (
     TORCH_DTYPE_NAMES,
@@ -25,7 +25,7 @@ from megatron_solopo.convert.presets_from_hf import (
     hf_config_from_preset,
     infer_preset_from_hf,
 )
-from megatron_solopo.parallel.session import barrier, check_on_rank0, is_rank0, parallel_session
+from megatron_solopo.parallel.session import barrier, is_rank0, parallel_session
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset, get_preset
 from megatron_solopo.parallel import ParallelConfig
@@ -158,8 +158,7 @@ def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
     source_config = marker.hf_config if marker is not None else None
     max_bytes = parse_size(max_shard_size) if isinstance(max_shard_size, str) else int(max_shard_size)
     start = time.perf_counter()
-    with parallel_session(ParallelConfig(), backend="gloo"):
-        check_on_rank0(lambda: check_output_dir(out_dir))
+    with parallel_session(ParallelConfig(), backend="gloo"), fresh_output_dir(out_dir):
         # tp=pp=1 (dist_checkpointing reshards whatever layout saved it); the local spec builds anywhere
         model_config = ModelConfig(checkpoint=str(ckpt_dir), params_dtype=dtype, attention_backend="local")
         model = load_model(model_config, ParallelConfig(), preset)[0]

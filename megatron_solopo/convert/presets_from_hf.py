@@ -16,6 +16,7 @@ import pathlib
 from collections.abc import Mapping
 from typing import Any
 
+from megatron_solopo.console import relative_path_hint
 from megatron_solopo.convert.mappings import ARCHITECTURE_MAPPINGS, get_mapping
 from megatron_solopo.model.presets import ModelPreset
 
@@ -41,8 +42,15 @@ def read_hf_config(source: str | os.PathLike | Mapping[str, Any]) -> dict[str, A
     if path.is_dir():
         path = path / "config.json"
     if not path.exists():
-        raise FileNotFoundError(f"no config.json at {path}: is this a Hugging Face model directory?")
-    return json.loads(path.read_text())
+        raise FileNotFoundError(f"no config.json at {path}: is this a Hugging Face model directory?"
+                                + relative_path_hint(path))
+    try:
+        config = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise UnsupportedHFConfig(f"{path} is not valid JSON ({err}); fix or re-download it") from None
+    if not isinstance(config, dict):
+        raise UnsupportedHFConfig(f"{path} holds a JSON {type(config).__name__}, not an object of model settings")
+    return config
 
 
 def _architecture(config: Mapping[str, Any], where: str) -> str:
@@ -174,7 +182,19 @@ def infer_preset_from_hf(source: str | os.PathLike | Mapping[str, Any], name: st
         base = pathlib.Path(source).name if not isinstance(source, Mapping) else "config"
         base = "model" if base == "config.json" else base
         name = f"hf:{base}"
-    where = f"HF config for {name}"
+    if isinstance(source, Mapping):
+        where = f"HF config for {name}"
+    else:
+        where = str(pathlib.Path(source) / "config.json" if pathlib.Path(source).is_dir() else source)
+    try:
+        return _preset_from_config(config, name, where)
+    except UnsupportedHFConfig:
+        raise
+    except (TypeError, ValueError) as err:  # a field of the wrong type ("four" heads, a list for a size)
+        raise UnsupportedHFConfig(f"{where}: a field has the wrong type or value ({err}); fix config.json") from None
+
+
+def _preset_from_config(config: Mapping[str, Any], name: str, where: str) -> ModelPreset:
     architecture = _architecture(config, where)
     _check_full_attention(config, architecture, where)
     _check_biases_and_activation(config, architecture, where)

@@ -8,9 +8,10 @@ from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.contexts import (ContextSkip, ContextTemplates, LongContext, TokenCounter, build_long_context,
                                            build_short_context, long_context_at_depth, render_prompt)
 from megatron_solopo.data.records import Document, QAItem, read_pair_records, validate_pair_record
+from megatron_solopo.data.ruler import RULER_TASKS, RulerSpec, generate_ruler
 from megatron_solopo.data.sampler import DistributedPairSampler
-from megatron_solopo.data.scoring import (exact_match, extract_final_answer, normalize_answer, score_response,
-                                          sub_exact_match, token_f1)
+from megatron_solopo.data.scoring import (answer_scores, exact_match, extract_final_answer, normalize_answer,
+                                          score_response, sub_exact_match, token_f1)
 from megatron_solopo.data.synthetic import generate_synthetic_qa
 from megatron_solopo.data.tokenize import ROLES, load_tokenized_pairs, load_tokenizer, prompt_token_ids
 
@@ -19,5 +20,5 @@ __all__ = [
     "build_long_context", "build_short_context", "long_context_at_depth", "render_prompt", "read_pair_records",
     "validate_pair_record", "DistributedPairSampler", "exact_match", "extract_final_answer", "normalize_answer",
     "score_response", "sub_exact_match", "token_f1", "generate_synthetic_qa", "ROLES", "load_tokenized_pairs",
-    "load_tokenizer", "prompt_token_ids",
+    "load_tokenizer", "prompt_token_ids", "answer_scores", "RULER_TASKS", "RulerSpec", "generate_ruler",
 ]

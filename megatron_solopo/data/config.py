@@ -6,13 +6,15 @@ import dataclasses
 import re
 import string
 
+from megatron_solopo.data.ruler import RULER_TASKS, RulerSpec
 from megatron_solopo.data.scoring import DEFAULT_ANSWER_REGEX, DEFAULT_MAX_ANSWER_WORDS
 
 __all__ = ["DataConfig", "SOURCES", "EVIDENCE_POSITIONS", "SAMPLING_BACKENDS", "PAIR_STRATEGIES",
            "CORRECT_METRICS", "ON_TOO_LONG", "SAMPLE_ON", "DEFAULT_DOC_TEMPLATE", "DEFAULT_PROMPT_TEMPLATE",
            "template_fields"]
 
-SOURCES = ("synthetic", "musique", "generic")
+SOURCES = ("synthetic", "ruler", "musique", "generic")
+FILE_SOURCES = ("musique", "generic")
 EVIDENCE_POSITIONS = ("random", "depth")
 SAMPLING_BACKENDS = ("auto", "hf", "vllm", "scripted")
 PAIR_STRATEGIES = ("random", "shortest_correct", "prefer_no_answer_rejected")
@@ -57,15 +59,16 @@ class DataConfig:
 
     # ----------------------------------------------------------------------------- source
     source: str = "synthetic"
-    """QA source: synthetic (built-in generator, no download) | musique (MuSiQue JSONL as
-    distributed) | generic (JSONL/JSON/Parquet with question, answers, supporting_docs)."""
+    """QA source: synthetic (built-in multi-hop generator, no download) | ruler (built-in RULER-style
+    needle / variable-tracking / fact-lookup tasks, no download; data.ruler_*) | musique (MuSiQue
+    JSONL as distributed) | generic (JSONL/JSON/Parquet with question, answers, supporting_docs)."""
     input_path: str | None = None
-    """Input file for source=musique|generic (required there; must be null for synthetic)."""
+    """Input file for source=musique|generic (required there; must be null for synthetic and ruler)."""
     distractor_pool_path: str | None = None
     """Optional corpus of distractor documents (JSONL/Parquet rows with title and text). Null: the
-    pool is the non-supporting documents of all items of the source."""
+    pool is the non-supporting documents of all items of the source (ruler: its generated filler)."""
     max_items: int | None = None
-    """Use only the first N items of the source (null: all). For synthetic it is the item count."""
+    """Use only the first N items of the source (null: all). For synthetic and ruler it is the item count."""
     synthetic_num_items: int = 64
     """source=synthetic: items generated when max_items is null."""
     synthetic_num_hops: list[int] = dataclasses.field(default_factory=lambda: [2, 4])
@@ -76,6 +79,21 @@ class DataConfig:
     """source=synthetic: each item's own distractor documents (near-namesake decoys first)."""
     synthetic_filler_sentences: list[int] = dataclasses.field(default_factory=lambda: [2, 4])
     """source=synthetic: inclusive [min, max] descriptive sentences per document (document length)."""
+    ruler_task: str = "niah_single"
+    """source=ruler: niah_single | niah_multikey | niah_multivalue | variable_tracking | qa
+    (data.ruler; docs/data.md has each task's question, answer and scoring rule)."""
+    ruler_num_items: int = 64
+    """source=ruler: items generated when max_items is null."""
+    ruler_namespace: str = "train"
+    """source=ruler: entity namespace of paragraphs, keys and questions, train | eval (disjoint)."""
+    ruler_num_distractors: int | None = None
+    """source=ruler: niah_multikey: needles with other keys (null: 3) | variable_tracking: other chains
+    with other values (null: 1) | qa: decoy documents (null: 4); other tasks: must stay null."""
+    ruler_num_values: int | None = None
+    """source=ruler, niah_multivalue only: numbers for the one key, all required (null: 4; >= 2)."""
+    ruler_num_hops: int | None = None
+    """source=ruler, variable_tracking only: copies in the chain, which names num_hops + 1 variables, all
+    required (null: 4; >= 1)."""
     seed: int = 1234
     """Seed of every random choice: synthetic items, document order, evidence positions, sampling,
     pair selection. Same config + seed -> same output."""
@@ -184,7 +202,8 @@ class DataConfig:
                               ("sampling_backend", SAMPLING_BACKENDS), ("pair_strategy", PAIR_STRATEGIES),
                               ("correct_metric", CORRECT_METRICS), ("on_too_long", ON_TOO_LONG),
                               ("sample_on", SAMPLE_ON), ("sampling_dtype", DTYPES),
-                              ("synthetic_namespace", ("train", "eval"))):
+                              ("synthetic_namespace", ("train", "eval")), ("ruler_task", RULER_TASKS),
+                              ("ruler_namespace", ("train", "eval"))):
             if getattr(self, name) not in allowed:
                 raise ValueError(f"data.{name}={getattr(self, name)!r} is not one of {', '.join(allowed)}")
         if not re.fullmatch(r"auto|cpu|cuda(:\d+)?", self.sampling_device):
@@ -194,10 +213,10 @@ class DataConfig:
                              "(use CUDA_VISIBLE_DEVICES), so leave data.sampling_device=auto")
 
     def _check_source(self) -> None:
-        if self.source == "synthetic" and self.input_path is not None:
-            raise ValueError("data.input_path is set but data.source=synthetic does not read files; "
+        if self.source not in FILE_SOURCES and self.input_path is not None:
+            raise ValueError(f"data.input_path is set but data.source={self.source} does not read files; "
                              "set data.source=musique|generic or data.input_path=null")
-        if self.source != "synthetic" and not self.input_path:
+        if self.source in FILE_SOURCES and not self.input_path:
             raise ValueError(f"data.source={self.source} needs data.input_path (the {self.source} file)")
         if self.sampling_backend == "scripted" and self.source != "synthetic":
             raise ValueError("data.sampling_backend=scripted writes responses from synthetic bridge facts; "
@@ -205,6 +224,11 @@ class DataConfig:
         if self.source != "synthetic":
             self._reject_set_fields([f for f in _field_names() if f.startswith("synthetic_")],
                                     f"data.source={self.source}")
+        if self.source != "ruler":
+            self._reject_set_fields([f for f in _field_names() if f.startswith("ruler_")],
+                                    f"data.source={self.source}")
+        else:
+            self._check_ruler()
         if self.sampling_backend == "scripted":
             self._reject_set_fields(["sampling_temperature", "sampling_top_p", "max_new_tokens",
                                      "sampling_batch_size", "sampling_device", "sampling_dtype"],
@@ -215,6 +239,23 @@ class DataConfig:
         filler = self.synthetic_filler_sentences
         if len(filler) != 2 or not 0 <= filler[0] <= filler[1]:
             raise ValueError(f"data.synthetic_filler_sentences={filler!r} must be [min, max] with 0 <= min <= max")
+
+    def _check_ruler(self) -> None:
+        if isinstance(self.ruler_num_items, bool) or self.ruler_num_items < 1:
+            raise ValueError(f"data.ruler_num_items must be >= 1, got {self.ruler_num_items}")
+        try:
+            spec = self.ruler_spec
+        except ValueError as err:
+            raise ValueError(f"data.ruler_{err} (data.ruler_task={self.ruler_task})") from None
+        if self.max_answer_words is not None and self.max_answer_words < spec.min_answer_words:
+            raise ValueError(f"data.max_answer_words={self.max_answer_words} is below the {spec.min_answer_words} "
+                             f"values a complete {self.ruler_task} answer lists, so every correct response would "
+                             f"score 0; raise it (e.g. {2 * spec.min_answer_words + 2}) or set it to null")
+
+    @property
+    def ruler_spec(self) -> RulerSpec:
+        """The RULER task of source=ruler (ValueError naming the setting when it does not fit the task)."""
+        return RulerSpec(self.ruler_task, self.ruler_num_distractors, self.ruler_num_values, self.ruler_num_hops)
 
     def _reject_set_fields(self, names: list[str], reason: str) -> None:
         """Fields that would be ignored must keep their defaults (no knob is silently ignored)."""

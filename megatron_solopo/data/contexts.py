@@ -286,7 +286,8 @@ def build_long_context(item: QAItem, counter: TokenCounter, target_tokens: int, 
     """x_long for `item`: evidence among distractors, `target_tokens` long within `tolerance`.
 
     Args:
-        item: the QA item; its supporting docs all appear intact, its distractor docs are used first.
+        item: the QA item; its supporting docs all appear intact, its distractor docs are used first (and
+            placed first, unless item.spread_distractors: then all selected distractors are shuffled).
         counter: token counter of the model's tokenizer (lengths are of the rendered user prompt).
         target_tokens: desired prompt length in tokens.
         rng: drives document order and (for depth=None) evidence slots.
@@ -317,6 +318,8 @@ def build_long_context(item: QAItem, counter: TokenCounter, target_tokens: int, 
     lowest = target_tokens * (1 - tolerance)
     for _ in range(_MAX_FIT_PASSES):
         distractors, truncated = _select_distractors(candidates, candidate_iter, budget, cost)
+        if item.spread_distractors:  # own distractors (selected first) spread through the filler
+            random.Random(f"{placement_seed}:spread").shuffle(distractors)
         docs = _place_evidence(evidence, distractors, depth, random.Random(placement_seed), cost)
         text = render_prompt(item.question, docs, templates)
         num_tokens = counter(text)

@@ -44,11 +44,12 @@ class PairDrop:
 
 def select_pair(responses: Sequence[str], golds: Sequence[str], rng: random.Random, strategy: str = "random",
                 metric: str = "sub_em", answer_regex: str = DEFAULT_ANSWER_REGEX,
-                max_answer_words: int | None = None) -> PairChoice | PairDrop:
+                max_answer_words: int | None = None, answer_match: str = "any") -> PairChoice | PairDrop:
     """Scores `responses` and picks (chosen correct, rejected incorrect) by `strategy`.
 
     Empty responses are never picked; a final answer longer than `max_answer_words` words is incorrect
-    (score_response). Strategies:
+    (score_response); `answer_match` is the item's (any: `golds` are a gold answer and its aliases;
+    all: every gold is a required value, `scoring.answer_scores`). Strategies:
       random                    -- a uniformly random correct and incorrect response;
       shortest_correct          -- the correct response with the fewest characters (first on ties),
                                    a random incorrect one;
@@ -60,7 +61,7 @@ def select_pair(responses: Sequence[str], golds: Sequence[str], rng: random.Rand
     if metric not in ("sub_em", "em"):
         raise ValueError(f"correct metric {metric!r} is not one of sub_em, em")
     candidates = [r for r in responses if r.strip()]
-    scores = [score_response(r, golds, answer_regex, max_answer_words) for r in candidates]
+    scores = [score_response(r, golds, answer_regex, max_answer_words, answer_match) for r in candidates]
     correct = [i for i, s in enumerate(scores) if getattr(s, metric) == 1.0]
     incorrect = [i for i, s in enumerate(scores) if getattr(s, metric) == 0.0]
     num_responses = len(responses)

@@ -33,10 +33,34 @@ from megatron_solopo.data.sampling import (ResponseBackend, SamplingRequest, Sam
 from megatron_solopo.data.sources import load_source, read_distractor_pool
 from megatron_solopo.data.summary import write_summary
 
-__all__ = ["ItemContexts", "build_contexts", "build_data", "distractor_pool"]
+__all__ = ["ItemContexts", "build_contexts", "build_data", "build_settings", "distractor_pool", "file_sha256"]
 
 logger = logging.getLogger(__name__)
 _MAX_LOGGED_SKIPS = 5
+
+
+BUILD_NEUTRAL_KEYS = ("output_dir", "pairs_path", "cache_dir", "sampling_batch_size", "sampling_device",
+                      "max_seq_len_tokens", "on_too_long")
+"""data.* settings that do not change which pairs are written (where they go, how fast, tokenization)."""
+
+
+def build_settings(config: DataConfig, model_id: str) -> dict[str, Any]:
+    """What decides the pairs a build writes: every data.* setting except BUILD_NEUTRAL_KEYS, and the
+    sampling model. Recorded in summary.json (`build_settings`), so a later build can tell whether the
+    files it would replace came from the same settings (data/commands.py refuses otherwise)."""
+    settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in BUILD_NEUTRAL_KEYS}
+    return {**settings, "sampling_model_id": model_id}
+
+
+def file_sha256(path: str | pathlib.Path) -> str:
+    """sha256 of a file's bytes (identifies the pairs file a build wrote)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 @dataclasses.dataclass
@@ -53,10 +77,14 @@ def _rng(config: DataConfig, item_id: str, stage: str) -> random.Random:
     return random.Random(f"{config.seed}:{item_id}:{stage}")
 
 
-def distractor_pool(config: DataConfig, items: Sequence[QAItem]) -> list[Document]:
-    """data.distractor_pool_path's documents, else every item's non-supporting documents."""
+def distractor_pool(config: DataConfig, items: Sequence[QAItem],
+                    source_pool: Sequence[Document] | None = None) -> list[Document]:
+    """data.distractor_pool_path's documents, else the filler the source generated (`source_pool`: ruler),
+    else every item's non-supporting documents."""
     if config.distractor_pool_path:
         return read_distractor_pool(config.distractor_pool_path)
+    if source_pool is not None:
+        return list(source_pool)
     return [doc for item in items for doc in item.distractor_docs]
 
 
@@ -92,6 +120,8 @@ def _pair_record(ctx: ItemContexts, choice: PairChoice, config: DataConfig, mode
             "rejected_final_answer": choice.rejected_score.final_answer, "pair_strategy": config.pair_strategy,
             "correct_metric": config.correct_metric, "sampled_on": config.sample_on, "sampling_model": model_id,
             "supporting_titles": [d.title for d in item.supporting_docs]}
+    if item.answer_match != "any":  # every gold answer required (RULER multi-value tasks)
+        meta["answer_match"] = item.answer_match
     return {"id": item.id, "question": item.question, "answers": list(item.answers),
             "short_context": ctx.short_context, "long_context": ctx.long.text, "chosen": choice.chosen,
             "rejected": choice.rejected, "meta": meta}
@@ -113,7 +143,7 @@ def build_data(config: DataConfig, tokenizer: Any, backend: ResponseBackend, mod
     output_dir = pathlib.Path(config.output_dir)
     source = load_source(config)
     counter = TokenCounter(tokenizer)
-    pool = distractor_pool(config, source.items)
+    pool = distractor_pool(config, source.items, source.pool)
     contexts, context_skips = build_contexts(source.items, counter, config, pool)
     if not contexts:
         raise ValueError(f"every item was skipped while building contexts ({dict(context_skips)}); raise "
@@ -132,7 +162,7 @@ def build_data(config: DataConfig, tokenizer: Any, backend: ResponseBackend, mod
     for ctx in contexts:
         choice = select_pair(responses[ctx.item.id], ctx.item.answers, _rng(config, ctx.item.id, "pair"),
                              config.pair_strategy, config.correct_metric, config.answer_regex,
-                             config.max_answer_words)
+                             config.max_answer_words, ctx.item.answer_match)
         pass_rates.append(choice.pass_rate)
         if isinstance(choice, PairChoice):
             records.append(_pair_record(ctx, choice, config, model_id))
@@ -149,7 +179,8 @@ def build_data(config: DataConfig, tokenizer: Any, backend: ResponseBackend, mod
     timing = {"contexts_s": round(t_contexts - start, 2), "sampling_s": round(t_sampling - t_contexts, 2),
               "total_s": round(time.perf_counter() - start, 2), **stats.as_dict()}
     extra = {"pairs_path": str(config.resolved_pairs_path), "sampling_model": model_id, "timing": timing,
-             "responses_per_question": config.num_responses, "temperature": config.sampling_temperature}
+             "responses_per_question": config.num_responses, "temperature": config.sampling_temperature,
+             "pairs_sha256": file_sha256(config.resolved_pairs_path), "build_settings": build_settings(config, model_id)}
     summary = write_summary(output_dir, counts, [c.short_tokens for c in contexts],
                             [c.long.num_tokens for c in contexts], pass_rates, extra)
     logger.info("wrote %d pairs to %s (%s)", len(records), config.resolved_pairs_path, counts)

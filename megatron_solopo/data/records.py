@@ -74,6 +74,13 @@ class QAItem:
     """The item's own irrelevant documents; used first when filling the long context."""
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Source-specific extras (hop count, bridge facts...), copied into the pair record's meta."""
+    answer_match: str = "any"
+    """How `answers` score a response (data.scoring.answer_scores): any (gold answer and aliases, one
+    must match) | all (every entry is a required value: RULER multi-value and variable tracking)."""
+    spread_distractors: bool = False
+    """True: the item's own distractors are spread at random among the pool's filler in the long
+    context (RULER's distractor needles); False: they are the first distractors of the long context
+    (data.contexts.build_long_context; the evidence is placed among the distractors either way)."""
 
     def __post_init__(self) -> None:
         where = f"QA item {self.id!r}"
@@ -82,6 +89,8 @@ class QAItem:
         if not isinstance(self.question, str) or not self.question.strip():
             raise ValueError(f"{where}: question must be a non-empty string")
         _check_answers(self.answers, where)
+        if self.answer_match not in ("any", "all"):
+            raise ValueError(f"{where}: answer_match={self.answer_match!r} is not one of any, all")
         if not self.supporting_docs:
             raise ValueError(f"{where}: needs at least one supporting document (the evidence)")
 
@@ -162,6 +171,10 @@ def validate_pair_record(obj: Mapping[str, Any], where: str) -> dict[str, Any]:
     if obj["chosen"] == obj["rejected"]:
         raise ValueError(f"{where}: chosen == rejected for id {obj['id']!r}; a preference pair needs two "
                          "different responses (drop this record or pick another rejected response)")
+    if len(obj["long_context"]) < len(obj["short_context"]):
+        raise ValueError(f"{where}: long_context ({len(obj['long_context'])} characters) is shorter than "
+                         f"short_context ({len(obj['short_context'])}) for id {obj['id']!r}; the long context holds "
+                         "the short one's evidence among distractors: are the two swapped?")
     unknown = sorted(set(obj) - set(PAIR_FIELDS))
     if unknown:
         raise ValueError(f"{where}: unknown field(s) {', '.join(unknown)}; put extras under 'meta'")

@@ -65,7 +65,8 @@ def build_sample(sample_dir: pathlib.Path = SAMPLE_DIR, rebuild_tokenizer: bool 
         summary = build_data(config, tokenizer, ScriptedBackend(), "scripted", progress=False)
     # machine-independent and reproducible: relative path, no wall-clock timings
     packaged = {**summary, "pairs_path": "pairs.jsonl"}
-    packaged.pop("timing", None)
+    for key in ("timing", "build_settings", "pairs_sha256"):  # timings vary; the provenance is build-data's
+        packaged.pop(key, None)
     write_json(sample_dir / "summary.json", packaged)
     return summary
 

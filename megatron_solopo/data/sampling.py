@@ -139,13 +139,14 @@ class HFBackend:
 
         from megatron_solopo.data.hf_cache import cache_kwarg, full_attention_only
 
-        if device == "auto":
-            from megatron_solopo.parallel.device import cuda_in_use
+        from megatron_solopo.convert.hf_to_mcore import check_hf_model
+        from megatron_solopo.parallel.device import setting_device
 
-            device = "cuda" if cuda_in_use() else "cpu"
+        device = str(setting_device(device, "data.sampling_device"))
         self.device = device
         self.batch_size = batch_size
         self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_dir)
+        check_hf_model(model_dir)  # tensors and config.json agree, from the headers: a one-line error otherwise
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
             model_dir, dtype=_torch_dtype(dtype, device)).to(device).eval()
         if self.tokenizer.eos_token_id is None:

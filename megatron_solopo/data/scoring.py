@@ -4,6 +4,21 @@ The paper picks chosen/rejected responses by sub-EM against the gold answers (a 
 contained in the prediction). Responses are chain-of-thought; the prediction scored is the final
 answer extracted from the last ``Answer: ...`` line, so a correct entity mentioned only in the
 reasoning (e.g. a rejected bridge entity) does not count as correct.
+
+How the gold answers are matched is the item's ``answer_match`` (``QAItem.answer_match``):
+
+* ``any`` (default; MuSiQue, synthetic, RULER single-answer tasks): ``answers`` are one gold answer and
+  its aliases; a prediction matching any of them is right (the paper's sub-EM).
+* ``all`` (RULER multi-value and variable tracking): every entry of ``answers`` is a required value.
+  The final answer is read as a list: its parts are the non-empty pieces between commas,
+  semicolons, slashes, newlines and the word "and". sub-EM is 1 only when every value occurs in the
+  final answer (on word boundaries, as for sub-EM): all or nothing, so a partial list is wrong and
+  never a chosen response. F1 is over the list: precision = parts that contain a value / parts,
+  recall = values found / values (2 of 4 values and nothing else: P = 1, R = 1/2, F1 = 2/3; all 4
+  plus a wrong one: P = 4/5, R = 1, F1 = 8/9). EM is 1 when P = R = 1 and there are exactly as many
+  parts as values (nothing listed twice or fused). "VAR QWERT" is a part holding the value QWERT.
+
+`answer_scores` is the one function that applies the rule; pair selection and `solopo eval` call it.
 """
 
 from __future__ import annotations
@@ -22,6 +37,8 @@ __all__ = [
     "exact_match",
     "sub_exact_match",
     "token_f1",
+    "ANSWER_MATCHES",
+    "answer_scores",
     "ResponseScore",
     "score_response",
     "is_no_answer",
@@ -32,6 +49,9 @@ DEFAULT_ANSWER_REGEX = r"answer\s*(?:is)?\s*[:：]\s*(.+)"
 """Matches ``Answer: X`` (case-insensitive); the last match in a response is its final answer."""
 DEFAULT_MAX_ANSWER_WORDS = 12
 """Final answers longer than this are copied passages, not answers (gold answers are entities/short phrases)."""
+
+ANSWER_MATCHES = ("any", "all")
+"""How gold answers are matched: any (gold + aliases: one must match) | all (every value required)."""
 
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
 _PUNCT = set(string.punctuation) | {"‘", "’", "“", "”", "–", "—"}
@@ -97,6 +117,26 @@ def token_f1(prediction: str, golds: Sequence[str]) -> float:
     return best
 
 
+_PART_SEPARATORS = re.compile(r"[,;/\n]|\band\b", flags=re.IGNORECASE)
+
+
+def answer_scores(final_answer: str, golds: Sequence[str], answer_match: str = "any") -> dict[str, float]:
+    """{"sub_em", "em", "f1"} of an extracted final answer under `answer_match` (module docstring)."""
+    if answer_match == "any":
+        return {"sub_em": sub_exact_match(final_answer, golds), "em": exact_match(final_answer, golds),
+                "f1": token_f1(final_answer, golds)}
+    if answer_match != "all":
+        raise ValueError(f"answer_match={answer_match!r} is not one of {', '.join(ANSWER_MATCHES)}")
+    parts = [p for p in _PART_SEPARATORS.split(final_answer) if normalize_answer(p)]
+    found = sum(sub_exact_match(final_answer, [gold]) for gold in golds)
+    matched = sum(sub_exact_match(part, golds) for part in parts)
+    if not found or not matched:
+        return {"sub_em": 0.0, "em": 0.0, "f1": 0.0}
+    precision, recall = matched / len(parts), found / len(golds)
+    exact = precision == recall == 1.0 and len(parts) == len(golds)
+    return {"sub_em": float(recall == 1.0), "em": float(exact), "f1": 2 * precision * recall / (precision + recall)}
+
+
 def is_no_answer(final_answer: str | None) -> bool:
     """True for a missing final answer or a refusal such as "not mentioned" / "unknown"."""
     if final_answer is None:
@@ -126,13 +166,14 @@ def is_overlong(final_answer: str, max_answer_words: int | None) -> bool:
 
 
 def score_response(response: str, golds: Sequence[str], answer_regex: str = DEFAULT_ANSWER_REGEX,
-                   max_answer_words: int | None = None) -> ResponseScore:
-    """Extracts the final answer and scores it; a response with no final answer, or with a final answer
-    longer than `max_answer_words` words (None: no limit), scores 0."""
+                   max_answer_words: int | None = None, answer_match: str = "any") -> ResponseScore:
+    """Extracts the final answer and scores it against `golds` under `answer_match` (`answer_scores`); a
+    response with no final answer, or with a final answer longer than `max_answer_words` words (None:
+    no limit), scores 0."""
     final = extract_final_answer(response, answer_regex)
     if final is None:
         return ResponseScore(None, 0.0, 0.0, 0.0, True)
     if is_overlong(final, max_answer_words):
         return ResponseScore(final, 0.0, 0.0, 0.0, False, overlong=True)
-    return ResponseScore(final, sub_exact_match(final, golds), exact_match(final, golds),
-                         token_f1(final, golds), is_no_answer(final))
+    scores = answer_scores(final, golds, answer_match)
+    return ResponseScore(final, scores["sub_em"], scores["em"], scores["f1"], is_no_answer(final))

@@ -1,4 +1,4 @@
-"""QA sources: MuSiQue JSONL as distributed, generic JSONL/Parquet, the synthetic generator.
+"""QA sources: MuSiQue JSONL as distributed, generic JSONL/Parquet, the synthetic and RULER generators.
 
 Every reader yields ``QAItem``s and fails on bad input with the file and line (JSONL) or row
 (Parquet) of the offending record. JSONL is parsed line by line here (not through ``datasets``) so
@@ -31,17 +31,23 @@ from typing import Any
 from megatron_solopo.console import WrongFieldType
 from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.records import Document, QAItem, read_jsonl, require_field
+from megatron_solopo.data.ruler import generate_ruler
 from megatron_solopo.data.synthetic import generate_synthetic_qa
 
 __all__ = ["read_musique", "read_generic", "read_distractor_pool", "load_source", "SourceResult"]
 
 
 class SourceResult:
-    """Items read from a source plus the counts of rows skipped on purpose (e.g. unanswerable)."""
+    """Items read from a source plus the counts of rows skipped on purpose (e.g. unanswerable).
 
-    def __init__(self, items: list[QAItem], skipped: Mapping[str, int] | None = None) -> None:
+    `pool`: filler documents the source generates for the long contexts (ruler's haystack); None: the
+    pipeline's default pool (data.pipeline.distractor_pool)."""
+
+    def __init__(self, items: list[QAItem], skipped: Mapping[str, int] | None = None,
+                 pool: list[Document] | None = None) -> None:
         self.items = items
         self.skipped = collections.Counter(skipped or {})
+        self.pool = pool
 
 
 # ------------------------------------------------------------------------------------------ rows
@@ -214,6 +220,11 @@ def load_source(config: DataConfig) -> SourceResult:
                                       num_distractors=config.synthetic_num_distractors,
                                       filler_sentences=tuple(config.synthetic_filler_sentences))
         return SourceResult(items)
+    if config.source == "ruler":
+        count = config.max_items if config.max_items is not None else config.ruler_num_items
+        ruler = generate_ruler(config.ruler_spec, count, config.seed, namespace=config.ruler_namespace,
+                               haystack_tokens=max(config.long_target_tokens))
+        return SourceResult(ruler.items, pool=ruler.filler)
     if config.source == "musique":
         result = read_musique(config.input_path, config.max_items)
     else:

@@ -31,6 +31,7 @@ rebuilds and nothing stale is reused. The directory appears atomically (built un
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -41,11 +42,13 @@ import tempfile
 from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
+from megatron_solopo.console import relative_path_hint
 from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.contexts import config_prompt_examples
 from megatron_solopo.data.records import read_pair_records, validate_pair_record
 
-__all__ = ["ROLES", "CACHE_FORMAT_VERSION", "load_tokenizer", "prompt_token_ids", "tokenize_pair",
+__all__ = ["ROLES", "CACHE_FORMAT_VERSION", "check_tokenizer_fits_model", "load_tokenizer", "prompt_token_ids",
+           "tokenize_pair",
            "sample_from_token_ids", "load_tokenized_pairs", "tokenizer_fingerprint", "resolve_max_seq_len",
            "tokenized_features"]
 
@@ -64,7 +67,16 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
 
     path = pathlib.Path(path)
     if path.is_dir():
-        return transformers.AutoTokenizer.from_pretrained(str(path))
+        if not any(any(path.glob(pattern)) for pattern in _TOKENIZER_FILES):
+            raise FileNotFoundError(f"{path} holds no tokenizer files (tokenizer.json, tokenizer_config.json, "
+                                    "tokenizer.model, vocab.json); give the model's tokenizer directory (model.tokenizer "
+                                    "or --tokenizer)" + relative_path_hint(path))
+        try:
+            return transformers.AutoTokenizer.from_pretrained(str(path))
+        except Exception as err:  # noqa: BLE001 - transformers raises anything on a bad tokenizer/config file
+            first = " ".join(str(err).split())[:200]
+            raise ValueError(f"the tokenizer in {path} cannot be loaded ({type(err).__name__}: {first}); give the "
+                             "model's own tokenizer directory (model.tokenizer or --tokenizer)") from None
     if path.is_file() and path.suffix == ".model":
         # a bare SentencePiece model loads as a Llama-style tokenizer (<s>, </s>, <unk>); it has no chat
         # template, so use data.use_chat_template=false with it. from_pretrained on a directory holding
@@ -73,7 +85,31 @@ def load_tokenizer(path: str | os.PathLike) -> Any:
             shutil.copyfile(path, pathlib.Path(tmp) / "tokenizer.model")
             return transformers.LlamaTokenizer.from_pretrained(tmp)
     raise FileNotFoundError(f"tokenizer {path} not found: give a Hugging Face model/tokenizer directory or a "
-                            "SentencePiece .model file")
+                            "SentencePiece .model file" + relative_path_hint(path))
+
+
+_TOKENIZER_FILES = ("tokenizer*", "vocab.json", "*.model", "vocab.txt")
+
+
+def check_tokenizer_fits_model(tokenizer: Any, tokenizer_path: str | os.PathLike, vocab_size: int, model: str,
+                               own_tokenizer_dir: str | os.PathLike | None = None) -> None:
+    """ValueError naming both when `tokenizer` cannot be the tokenizer of `model` (a description, e.g.
+    "--hf-model DIR"): it has more tokens than the model's vocabulary (ids would index past the embedding),
+    or the model carries its own tokenizer (`own_tokenizer_dir`) with another vocabulary (the model's ids would
+    decode to other text: every score 0)."""
+    if len(tokenizer) > vocab_size:
+        raise ValueError(f"the tokenizer at {tokenizer_path} has {len(tokenizer)} tokens but {model} has a vocabulary "
+                         f"of {vocab_size}; use the model's own tokenizer (model.tokenizer / --tokenizer)")
+    if own_tokenizer_dir is None or pathlib.Path(own_tokenizer_dir).resolve() == pathlib.Path(tokenizer_path).resolve():
+        return
+    try:
+        own = load_tokenizer(own_tokenizer_dir)
+    except (OSError, ValueError):
+        return  # nothing reliable to compare with
+    if own.get_vocab() != tokenizer.get_vocab():
+        raise ValueError(f"the tokenizer at {tokenizer_path} ({len(tokenizer)} tokens) is not the one {model} was "
+                         f"trained with ({own_tokenizer_dir}, {len(own)} tokens, another vocabulary); drop "
+                         "--tokenizer / model.tokenizer to use the model's own, or give the same one")
 
 
 def prompt_token_ids(tokenizer: Any, prompt: str, system_prompt: str | None, use_chat_template: bool,
@@ -267,6 +303,13 @@ def _build_cache(records: Sequence[Mapping[str, Any]], tokenizer: Any, config: D
         except OSError:  # another process finished the same cache first: theirs is identical
             if not (final_dir / "stats.json").is_file():
                 raise
+    except OSError as err:
+        if err.filename is not None:
+            raise
+        # Arrow's write errors name no file ("[Errno 28] Error writing bytes to file"): say which cache it was
+        text = " ".join(str(err).split())[:200]
+        code = err.errno or (errno.ENOSPC if "No space left" in text or "Errno 28" in text else errno.EIO)
+        raise OSError(code, f"writing the tokenized-data cache (data.cache_dir) failed: {text}", str(final_dir)) from None
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
 

@@ -62,7 +62,7 @@ def _model_source(args: argparse.Namespace, config: ExperimentConfig) -> ModelSo
 def run(args: argparse.Namespace) -> int:
     """Evaluates and/or compares; user errors propagate to `solopo` (one line, exit status 2)."""
     from megatron_solopo.config import load_config
-    from megatron_solopo.console import EXIT_USER_ERROR, check_writable_dir
+    from megatron_solopo.console import EXIT_USER_ERROR, check_writable_dir, removed_if_left_empty
 
     # `--compare a.json b.json eval.x=1`: argparse gives the override to --compare; take it back
     overrides = list(args.overrides) + [c for c in args.compare or [] if OVERRIDE_PATTERN.match(c)]
@@ -73,19 +73,20 @@ def run(args: argparse.Namespace) -> int:
         print("solopo eval: nothing to evaluate; give --hf-model DIR or --checkpoint DIR (or model.hf_model / "
               "model.checkpoint in the config), or --compare REPORT.json ...", file=sys.stderr)
         return EXIT_USER_ERROR
-    check_writable_dir(config.eval.output_dir, "eval.output_dir")  # before minutes of generation
-    reports = []
-    if source is not None:
-        report, paths = evaluate(config, source, progress=not args.no_progress)
-        _print_summary(report, paths)
-        reports.append(report)
-    if args.compare:
-        from megatron_solopo.eval.report import load_report
+    with removed_if_left_empty(config.eval.output_dir):  # a failed eval leaves no new empty directory
+        check_writable_dir(config.eval.output_dir, "eval.output_dir")  # before minutes of generation
+        reports = []
+        if source is not None:
+            report, paths = evaluate(config, source, progress=not args.no_progress)
+            _print_summary(report, paths)
+            reports.append(report)
+        if args.compare:
+            from megatron_solopo.eval.report import load_report
 
-        reports = [load_report(p) for p in args.compare] + reports
-        table, paths = compare_reports(reports, config.eval.output_dir)
-        print(table)
-        print("comparison written to " + ", ".join(paths.values()))
+            reports = [load_report(p) for p in args.compare] + reports
+            table, paths = compare_reports(reports, config.eval.output_dir)
+            print(table)
+            print("comparison written to " + ", ".join(paths.values()))
     return 0
 
 

@@ -10,8 +10,24 @@ from __future__ import annotations
 import dataclasses
 import re
 
+from megatron_solopo.data.ruler import RULER_DEFAULTS, RULER_TASKS, RulerSpec
+
 __all__ = ["EvalConfig", "SUITES", "SYNTHETIC_SUITES", "LONG_SUITES", "DEPTH_SUITES", "BACKENDS",
-           "MEGATRON_DECODE", "ANSWER_EXTRACTION", "DTYPES", "JSONL_LAYOUTS"]
+           "MEGATRON_DECODE", "ANSWER_EXTRACTION", "DTYPES", "JSONL_LAYOUTS", "RULER_SUITES", "RULER_SHORT_SUITES",
+           "ruler_task_of"]
+
+_RULER_WHAT = {
+    "niah_single": "one needle (a magic number for a key) hidden in a paragraph; return its number",
+    "niah_multikey": "the needle plus eval.ruler_num_distractors needles with other keys in the haystack",
+    "niah_multivalue": "eval.ruler_num_values needles for one key; every number required",
+    "variable_tracking": "a chain VAR A = 12345, VAR B = VAR A, ... (eval.ruler_num_hops copies) and other chains; "
+                         "every variable with the value required",
+    "qa": "a one-hop fact question, its document among decoys (eval.ruler_num_distractors) and filler",
+}
+RULER_SUITES = tuple(f"ruler_{task}" for task in RULER_TASKS)
+"""RULER-style suites (data.ruler), each at every length and depth."""
+RULER_SHORT_SUITES = tuple(f"{suite}_short" for suite in RULER_SUITES)
+"""The same questions on their short context (the evidence only): x_short of the paired comparison."""
 
 SUITES = {
     "multihop": "synthetic multi-hop QA; the supporting documents as one block at each depth, at each length",
@@ -20,11 +36,14 @@ SUITES = {
     "short": "short-context regression check: the multihop questions with their evidence only (no distractors)",
     "jsonl": "QA rows from JSONL/Parquet files (generic format; e.g. LongBench / RULER QA exports): as given, or "
              "their supporting documents swept over depths and filled to lengths (eval.jsonl_layout=sweep)",
+    **{f"ruler_{task}": f"RULER-style {task}: {what}; at each depth and length" for task, what in _RULER_WHAT.items()},
+    **{f"ruler_{task}_short": f"the ruler_{task} questions on their short context (evidence only, no filler)"
+       for task in RULER_TASKS},
 }
-SYNTHETIC_SUITES = ("multihop", "niah_single", "niah_multi", "short")
-LONG_SUITES = ("multihop", "niah_single", "niah_multi")
+SYNTHETIC_SUITES = ("multihop", "niah_single", "niah_multi", "short", *RULER_SUITES, *RULER_SHORT_SUITES)
+LONG_SUITES = ("multihop", "niah_single", "niah_multi", *RULER_SUITES)
 """Suites evaluated at every configured context length."""
-DEPTH_SUITES = ("multihop", "niah_single")
+DEPTH_SUITES = ("multihop", "niah_single", *RULER_SUITES)
 """Suites evaluated at every configured evidence depth (niah_multi places documents at random)."""
 BACKENDS = ("hf", "megatron")
 MEGATRON_DECODE = ("auto", "engine", "static_kv", "recompute")
@@ -38,19 +57,29 @@ class EvalConfig:
     """What `solopo eval` measures and how it generates (greedy decoding, batched)."""
 
     suites: list[str] = dataclasses.field(default_factory=lambda: ["multihop", "short"])
-    """Suites to run: multihop | niah_single | niah_multi | short | jsonl (docs/evaluation.md)."""
+    """Suites to run: multihop | niah_single | niah_multi | short | jsonl | ruler_<task> and
+    ruler_<task>_short for the tasks niah_single, niah_multikey, niah_multivalue, variable_tracking and
+    qa (docs/evaluation.md)."""
     context_lengths: list[int] = dataclasses.field(default_factory=lambda: [1024, 4096, 8192, 16384])
     """Target prompt lengths in tokens of the model's tokenizer for the long suites (each item is
     evaluated at each length). For the jsonl suite they are the buckets of the per-length table."""
     depths: list[float] = dataclasses.field(default_factory=lambda: [0.0, 0.25, 0.5, 0.75, 1.0])
-    """Evidence depths in [0, 1] for multihop and niah_single: the fraction of distractor tokens
-    placed before the evidence block (0 = evidence first, 1 = evidence last, before the question)."""
+    """Evidence depths in [0, 1] for multihop, niah_single and the ruler_* suites: the fraction of
+    distractor tokens placed before the evidence block (0 = evidence first, 1 = evidence last, before
+    the question)."""
     num_samples: int = 10
     """Questions per synthetic suite; each is evaluated in every (length, depth) cell, so a suite
     costs num_samples x len(context_lengths) x len(depths) generations (short: num_samples)."""
     num_hops: list[int] = dataclasses.field(default_factory=lambda: [2, 3])
     """Inclusive [min, max] bridge facts per question for multihop, niah_multi and short
     (niah_single always asks one-hop questions). niah_multi needs min >= 2."""
+    ruler_num_distractors: int | None = None
+    """ruler_niah_multikey: needles with other keys (null: 3); ruler_variable_tracking: other chains
+    (null: 1); ruler_qa: decoy documents (null: 4). Must stay null unless one of them is in suites."""
+    ruler_num_values: int | None = None
+    """ruler_niah_multivalue: numbers for the one key, all required (null: 4)."""
+    ruler_num_hops: int | None = None
+    """ruler_variable_tracking: copies in the chain (num_hops + 1 variables, all required; null: 4)."""
     length_tolerance: float = 0.05
     """Accepted relative distance between a long prompt's length and its target length."""
     jsonl_paths: list[str] = dataclasses.field(default_factory=list)
@@ -102,6 +131,7 @@ class EvalConfig:
     def __post_init__(self) -> None:
         self._check_choices()
         self._check_suites()
+        self._check_ruler()
         self._check_numbers()
 
     def _check_choices(self) -> None:
@@ -142,6 +172,26 @@ class EvalConfig:
                 raise ValueError("eval.jsonl_distractor_pool_path must name a JSONL/Parquet file of documents, or be "
                                  "null (the other rows' documents)")
 
+    def _check_ruler(self) -> None:
+        tasks = {ruler_task_of(s) for s in self.suites} - {None}
+        for name in ("num_distractors", "num_values", "num_hops"):
+            users = [t for t in RULER_TASKS if name in RULER_DEFAULTS[t]]
+            if getattr(self, f"ruler_{name}") is not None and not tasks & set(users):
+                raise ValueError(f"eval.ruler_{name} is set but no suite uses it (it sizes "
+                                 f"{', '.join(f'ruler_{t}' for t in users)}); remove it or add such a suite")
+        for task in sorted(tasks):
+            try:
+                self.ruler_spec(task)
+            except ValueError as err:
+                raise ValueError(f"eval.ruler_{err} (suite ruler_{task})") from None
+
+    def ruler_spec(self, task: str) -> RulerSpec:
+        """The RULER task of a ruler suite with this section's settings (those the task does not use dropped)."""
+        used = RULER_DEFAULTS[task]
+        values = {name: getattr(self, f"ruler_{name}") for name in ("num_distractors", "num_values", "num_hops")
+                  if name in used}
+        return RulerSpec(task, **values)
+
     def _check_numbers(self) -> None:
         for name in ("num_samples", "max_new_tokens", "batch_size"):
             value = getattr(self, name)
@@ -171,3 +221,12 @@ class EvalConfig:
     def long_suites(self) -> list[str]:
         """The configured suites that run at every context length."""
         return [s for s in self.suites if s in LONG_SUITES]
+
+
+def ruler_task_of(suite: str) -> str | None:
+    """The RULER task of a ruler_<task> or ruler_<task>_short suite; None for other suites."""
+    if suite in RULER_SUITES:
+        return suite[len("ruler_"):]
+    if suite in RULER_SHORT_SUITES:
+        return suite[len("ruler_"):-len("_short")]
+    return None

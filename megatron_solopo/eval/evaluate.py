@@ -153,6 +153,23 @@ def _tokenizer_dir(source: ModelSource, hf_dir: str | None) -> str:
                      "model.tokenizer) with the tokenizer of the model it was trained from")
 
 
+def _check_model_and_tokenizer(source: ModelSource, tokenizer: Any, tokenizer_path: str) -> None:
+    """An HF directory's config.json must match its weights (`check_hf_model`), and the tokenizer must fit the
+    model: no more tokens than its vocabulary, and the model's own tokenizer (its HF directory's, or the one
+    saved with the checkpoint) when it carries one (data.tokenize.check_tokenizer_fits_model)."""
+    from megatron_solopo.checkpoint.format import stored_tokenizer_dir
+    from megatron_solopo.checkpoint.loader import checkpoint_preset
+    from megatron_solopo.convert.hf_to_mcore import check_hf_model
+    from megatron_solopo.data.tokenize import check_tokenizer_fits_model
+
+    if source.kind == "hf":
+        vocab, own, what = check_hf_model(source.path).vocab_size, source.path, f"--hf-model {source.path}"
+    else:
+        vocab, own = checkpoint_preset(source.path).vocab_size, stored_tokenizer_dir(source.path)
+        what = f"--checkpoint {source.path}"
+    check_tokenizer_fits_model(tokenizer, tokenizer_path, vocab, what, own)
+
+
 def _build_generator(config: ExperimentConfig, source: ModelSource, hf_dir: str | None, tokenizer: Any):
     from megatron_solopo.eval.generation import HFGenerator, MegatronGenerator, resolve_device, resolve_dtype
 
@@ -188,6 +205,20 @@ def _prompt_config(data: DataConfig) -> dict[str, Any]:
             "answer_regex": data.answer_regex, "max_answer_words": data.max_answer_words}
 
 
+def _check_answer_words(ev: Any, data: DataConfig) -> None:
+    """A ruler suite whose complete answer has more words than data.max_answer_words could score only 0."""
+    from megatron_solopo.eval.config import ruler_task_of
+
+    if ev.answer_extraction != "final_answer" or data.max_answer_words is None:
+        return
+    for suite in ev.suites:
+        task = ruler_task_of(suite)
+        if task is not None and ev.ruler_spec(task).min_answer_words > data.max_answer_words:
+            raise ValueError(f"eval suite {suite}: a complete answer lists {ev.ruler_spec(task).min_answer_words} "
+                             f"values, more than data.max_answer_words={data.max_answer_words} (longer final answers "
+                             "score 0); raise data.max_answer_words or set it to null")
+
+
 # ------------------------------------------------------------------------------------------ evaluate
 def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = True) -> tuple[dict, dict[str, str]]:
     """Builds the suites, generates greedily, scores, and writes the report; returns (report, paths).
@@ -204,6 +235,7 @@ def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = Tru
     from megatron_solopo.eval.suites import build_suites
 
     ev, data = config.eval, config.data
+    _check_answer_words(ev, data)
     started = time.perf_counter()
     make_bar = _progress(progress)
     needs_hf_dir = ev.backend == "hf" or source.kind == "hf"
@@ -219,6 +251,7 @@ def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = Tru
         prompts = [prompt_token_ids(tokenizer, item.prompt, data.system_prompt, data.use_chat_template, examples)
                    for item in built.items]
         seconds_build = time.perf_counter() - started
+        _check_model_and_tokenizer(source, tokenizer, tokenizer_path)
         generator, device, dtype = _build_generator(config, source, hf_dir, tokenizer)
         bar = make_bar(len(prompts), f"generating ({generator.path})")
         outputs = generator.generate(prompts, progress=bar)
@@ -227,7 +260,7 @@ def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = Tru
     for item, prompt_ids, output in zip(built.items, prompts, outputs):
         prediction = tokenizer.decode(output, skip_special_tokens=True)
         scores = score_prediction(prediction, item.answers, ev.answer_extraction, data.answer_regex,
-                                  data.max_answer_words)
+                                  data.max_answer_words, item.answer_match)
         records.append({"suite": item.suite, "item_id": item.item_id, "source_id": item.source_id,
                         "question": item.question, "answers": item.answers, "context_length": item.context_length,
                         "depth": item.depth, "prompt_tokens": item.prompt_tokens, "input_tokens": len(prompt_ids),

@@ -46,13 +46,9 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when in use (visible and not SOLOPO_DEVICE=cpu: parallel.device), else cpu; an
     explicit CUDA device without CUDA is an error."""
-    if device == "auto":
-        from megatron_solopo.parallel.device import cuda_in_use
+    from megatron_solopo.parallel.device import setting_device
 
-        return torch.device("cuda" if cuda_in_use() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ValueError(f"eval.device={device} but CUDA is not available on this machine; use auto or cpu")
-    return torch.device(device)
+    return setting_device(device, "eval.device")
 
 
 def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
@@ -187,6 +183,9 @@ class HFGenerator(Generator):
                         prefill: str = "unpadded") -> HFGenerator:
         from transformers import AutoModelForCausalLM
 
+        from megatron_solopo.convert.hf_to_mcore import check_hf_model
+
+        check_hf_model(hf_dir)  # tensors and config.json agree, from the headers: a one-line error otherwise
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
         return cls(model.to(device), eos_ids, pad_id, max_new_tokens, batch_size, prefill)
 

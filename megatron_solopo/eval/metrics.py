@@ -11,7 +11,7 @@ import collections
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from megatron_solopo.data.scoring import exact_match, extract_final_answer, is_overlong, sub_exact_match, token_f1
+from megatron_solopo.data.scoring import answer_scores, extract_final_answer, is_overlong
 
 __all__ = ["METRICS", "score_prediction", "aggregate", "aggregate_by", "cell_table"]
 
@@ -19,8 +19,9 @@ METRICS = ("sub_em", "em", "f1")
 
 
 def score_prediction(prediction: str, answers: Sequence[str], extraction: str, answer_regex: str,
-                     max_answer_words: int | None = None) -> dict[str, Any]:
-    """Scores one generated answer.
+                     max_answer_words: int | None = None, answer_match: str = "any") -> dict[str, Any]:
+    """Scores one generated answer against `answers` under the item's `answer_match` (any: gold and
+    aliases; all: every value required; `data.scoring.answer_scores`).
 
     extraction "final_answer": the text after the last `answer_regex` match is scored (a response
     without one, or whose final answer has more than `max_answer_words` words, scores 0 on every
@@ -37,8 +38,7 @@ def score_prediction(prediction: str, answers: Sequence[str], extraction: str, a
         raise ValueError(f"unknown answer extraction {extraction!r}; use final_answer or whole_response")
     if final is None:
         return {"final_answer": None, "sub_em": 0.0, "em": 0.0, "f1": 0.0}
-    return {"final_answer": final, "sub_em": sub_exact_match(final, answers), "em": exact_match(final, answers),
-            "f1": token_f1(final, answers)}
+    return {"final_answer": final, **answer_scores(final, answers, answer_match)}
 
 
 def aggregate(records: Iterable[Mapping[str, Any]]) -> dict[str, float | int]:

@@ -222,14 +222,18 @@ def _k(tokens: int) -> str:
 
 
 def plot_accuracy_vs_length(report: Mapping[str, Any], path: str | os.PathLike) -> str:
-    """Sub-EM vs context length, one line per suite (mean over depths); short suite as a dashed line."""
+    """Sub-EM vs context length, one line per suite (mean over depths); short suites as dashed lines (a
+    suite's own `<suite>_short` in its color)."""
     plt = _pyplot()
     fig, ax = plt.subplots(figsize=(6.4, 4.2))
     lengths: list[int] = []
     for suite in _length_suites(report):
         xs, ys = _length_series(report, suite)
         lengths += xs
-        ax.plot(xs, ys, marker="o", label=suite)
+        (line,) = ax.plot(xs, ys, marker="o", label=suite)
+        short = report["suites"].get(f"{suite}_short")
+        if short is not None:
+            ax.axhline(short["sub_em"], linestyle="--", color=line.get_color(), label=f"{suite}_short")
     if "short" in report["suites"]:
         ax.axhline(report["suites"]["short"]["sub_em"], linestyle="--", color="gray", label="short (no distractors)")
     _label_lengths(ax, lengths)

@@ -6,6 +6,11 @@
 * niah_multi  -- NIAH-Plus multi-document QA: multi-hop questions whose documents are scattered at
                  random slots (depth is recorded per document in the item's meta, not swept).
 * short       -- the multihop questions with their evidence only: a short-context regression check.
+* ruler_<task> -- RULER-style tasks of `data.ruler` (niah_single, niah_multikey, niah_multivalue,
+                 variable_tracking, qa): the evidence (needle paragraphs / supporting document) as one
+                 block at each depth of each length, in the task's generated filler, distractor
+                 needles spread through it. ruler_<task>_short asks the same questions on x_short
+                 (the evidence only), so short and long cells pair item by item.
 * jsonl       -- generic QA rows (question, answers, supporting_docs, distractor_docs) from files.
                  eval.jsonl_layout=as_given (default): each row once, documents in file order
                  (supporting first), bucketed by length. eval.jsonl_layout=sweep: each row in every
@@ -43,9 +48,10 @@ from megatron_solopo.data.contexts import (
     render_prompt,
 )
 from megatron_solopo.data.records import Document, QAItem
+from megatron_solopo.data.ruler import generate_ruler
 from megatron_solopo.data.sources import _iter_rows, read_distractor_pool, read_generic
 from megatron_solopo.data.synthetic import generate_synthetic_qa
-from megatron_solopo.eval.config import DEPTH_SUITES, EvalConfig
+from megatron_solopo.eval.config import DEPTH_SUITES, RULER_SHORT_SUITES, EvalConfig, ruler_task_of
 
 __all__ = ["EvalItem", "SuiteBuild", "build_suites", "suite_seed", "length_bucket"]
 
@@ -77,6 +83,8 @@ class EvalItem:
     """Measured tokens of `prompt` (no chat template)."""
     meta: dict[str, Any] = dataclasses.field(default_factory=dict)
     """Evidence depths/positions, hop count, source."""
+    answer_match: str = "any"
+    """How `answers` score (data.scoring.answer_scores): any (gold or an alias) | all (every value)."""
 
 
 @dataclasses.dataclass
@@ -149,16 +157,28 @@ def _long_items(name: str, questions: Sequence[QAItem], pool: Sequence[Document]
                 depth_tag = "random" if depth is None else f"{depth:g}"
                 yield EvalItem(name, f"{name}/{item.id}/L{length}/d{depth_tag}", item.id, item.question,
                                list(item.answers), context.text, length, depth, context.num_tokens,
-                               {"num_hops": item.meta.get("num_hops"), **context.meta()})
+                               {"num_hops": item.meta.get("num_hops"), **_match_meta(item), **context.meta()},
+                               item.answer_match)
+
+
+def _match_meta(item: QAItem) -> dict[str, str]:
+    return {"answer_match": item.answer_match} if item.answer_match != "any" else {}
 
 
 def _short_items(questions: Sequence[QAItem], config: EvalConfig, counter: TokenCounter,
-                 templates: ContextTemplates) -> Iterable[EvalItem]:
+                 templates: ContextTemplates, name: str = "short") -> Iterable[EvalItem]:
     for item in questions:
         rng = random.Random(suite_seed(config.seed, f"short/{item.id}"))
         text, num_tokens = build_short_context(item, counter, max_tokens=1 << 62, rng=rng, templates=templates)
-        yield EvalItem("short", f"short/{item.id}", item.id, item.question, list(item.answers), text, None, None,
-                       num_tokens, {"num_hops": item.meta.get("num_hops")})
+        yield EvalItem(name, f"{name}/{item.id}", item.id, item.question, list(item.answers), text, None, None,
+                       num_tokens, {"num_hops": item.meta.get("num_hops"), **_match_meta(item)}, item.answer_match)
+
+
+def _ruler_questions(config: EvalConfig, task: str) -> tuple[list[QAItem], list[Document]]:
+    """The questions of ruler_<task> (and ruler_<task>_short: the same ones) and their filler."""
+    source = generate_ruler(config.ruler_spec(task), config.num_samples, suite_seed(config.seed, f"ruler_{task}"),
+                            namespace="eval", haystack_tokens=max(config.context_lengths))
+    return source.items, source.filler
 
 
 def _jsonl_rows(config: EvalConfig) -> list[tuple[str, QAItem, bool]]:
@@ -256,8 +276,19 @@ def build_suites(config: EvalConfig, tokenizer: Any, templates: ContextTemplates
     hops = (config.num_hops[0], config.num_hops[1])
     for name in config.suites:
         reasons: collections.Counter = collections.Counter()
+        task = ruler_task_of(name)
         if name == "jsonl":
             items.extend(_jsonl_items(config, counter, templates, reasons, progress_factory))
+        elif name in RULER_SHORT_SUITES:
+            questions, _ = _ruler_questions(config, task)
+            items.extend(_short_items(questions, config, counter, templates, name))
+        elif task is not None:
+            questions, pool = _ruler_questions(config, task)
+            cells = len(config.context_lengths) * len(config.depths)
+            bar = progress_factory(len(questions) * cells, f"building {name} contexts") if progress_factory else None
+            items.extend(_long_items(name, questions, pool, config, counter, templates, reasons, bar))
+            if bar is not None:
+                bar.close()
         elif name == "short":
             # the multihop suite's questions, so short vs long accuracy compares the same questions
             questions, _ = _synthetic_items(config, "multihop", hops, counter, templates, need_pool=False)

@@ -13,14 +13,16 @@ import collections
 import json
 import math
 import pathlib
+import re
 import statistics
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 from megatron_solopo.eval.stats import bootstrap_ci, mcnemar_exact, mdd_mcnemar, mdd_two_proportions, paired_bootstrap
 
-__all__ = ["cell_scores", "accuracy_table", "comparison_table", "training_cost", "eval_throughput",
-           "analyze", "write_results"]
+__all__ = ["cell_scores", "accuracy_table", "comparison_table", "training_cost", "training_diagnostics",
+           "eval_throughput", "prediction_quality", "preregistered_rows", "question_overlap", "analyze",
+           "write_results"]
 
 CellKey = tuple[str, Any, Any]  # (suite, context_length | "all", depth | "all")
 ALL = "all"
@@ -132,11 +134,42 @@ def training_cost(metrics_path: str | pathlib.Path) -> dict[str, Any]:
         raise ValueError(f"{metrics_path} holds no training steps with step_time_s and pairs")
     timed = records[1:] if len(records) > 1 else records
     per_pair = [r["step_time_s"] / r["pairs"] for r in timed]
-    return {"steps": len(records), "pairs": int(sum(r["pairs"] for r in records)),
+    pair_updates = int(sum(r["pairs"] for r in records))
+    return {"steps": len(records), "pairs": pair_updates, "distinct_pairs": _distinct_pairs(metrics_path, pair_updates),
             "seconds_per_pair_median": statistics.median(per_pair), "seconds_per_pair_mean": statistics.fmean(per_pair),
             "steps_timed": len(timed), "peak_mem_gib": max(float(r.get("peak_mem_gib") or 0.0) for r in records),
             "tokens_per_pair": statistics.fmean(r.get("tokens", 0.0) / r["pairs"] for r in timed),
             "final_loss": records[-1].get("loss")}
+
+
+def _distinct_pairs(metrics_path: str | pathlib.Path, pair_updates: int) -> int | None:
+    """Distinct pairs the run trained on: each epoch of the sampler is a permutation of the run's training
+    pairs (run_summary.json train_pairs), so the first min(train_pairs, pair updates) are all different.
+    None when the run summary does not say how many pairs it had."""
+    summary = pathlib.Path(metrics_path).parent / "run_summary.json"
+    train_pairs = json.loads(summary.read_text(encoding="utf-8")).get("train_pairs") if summary.is_file() else None
+    return min(int(train_pairs), pair_updates) if train_pairs else None
+
+
+_HELDOUT_ROLES = ("short_chosen", "long_chosen", "short_rejected", "long_rejected")
+
+
+def training_diagnostics(train_dir: str | pathlib.Path) -> dict[str, Any]:
+    """One arm's training diagnostics (docs/training.md "Diagnostics") from its run_summary.json: the held-out
+    pairs' mean log-prob per token before and after training, per sequence, and the mean SoLo-RA gradient
+    share over the steps that measured it. {} when the run wrote no diagnostics."""
+    path = pathlib.Path(train_dir) / "run_summary.json"
+    if not path.is_file():
+        return {}
+    diagnostics = json.loads(path.read_text(encoding="utf-8")).get("diagnostics") or {}
+    heldout = diagnostics.get("heldout") or {}
+    out: dict[str, Any] = {"ra_grad_share_mean": diagnostics.get("ra_grad_share_mean"),
+                           "grad_cos_ra_po_mean": diagnostics.get("grad_cos_ra_po_mean"),
+                           "heldout_pairs": heldout.get("pairs"), "heldout_ids": heldout.get("ids")}
+    for role in (*_HELDOUT_ROLES, "chosen_gap_short_minus_long"):
+        key = f"heldout/{role}" if role.startswith("chosen_gap") else f"heldout/{role}_mean_logp"
+        out[role] = {point: (heldout.get(point) or {}).get(key) for point in ("before", "after")}
+    return out
 
 
 def eval_throughput(report: Mapping[str, Any]) -> dict[str, float]:
@@ -149,13 +182,72 @@ def eval_throughput(report: Mapping[str, Any]) -> dict[str, float]:
             "generated_tokens_per_s": timing.get("generated_tokens", 0) / seconds}
 
 
+_WORD = re.compile(r"\w+")
+REPEAT_NGRAM, REPEAT_TIMES = 4, 3
+
+
+def _repeats_an_ngram(text: str) -> bool:
+    """True when some word 4-gram occurs 3 or more times in `text` (degenerate, looping output)."""
+    words = _WORD.findall(text.lower())
+    grams = collections.Counter(tuple(words[i:i + REPEAT_NGRAM]) for i in range(len(words) - REPEAT_NGRAM + 1))
+    return any(count >= REPEAT_TIMES for count in grams.values())
+
+
+def prediction_quality(report: Mapping[str, Any]) -> dict[str, float]:
+    """Per report: the share of predictions that repeat a word 4-gram 3+ times, and the share that hold
+    the scored answer line (final_answer extracted), over all items."""
+    items = report["items"]
+    if not items:
+        return {"items": 0, "repetition_rate": math.nan, "answer_format_rate": math.nan}
+    repeats = sum(_repeats_an_ngram(item.get("prediction") or "") for item in items)
+    formatted = sum(item.get("final_answer") is not None for item in items)
+    return {"items": len(items), "repetition_rate": repeats / len(items), "answer_format_rate": formatted / len(items)}
+
+
+def question_overlap(reports_a: Sequence[Mapping[str, Any]], reports_b: Sequence[Mapping[str, Any]]) -> int:
+    """Questions (question text with its answers) that occur in both groups of reports: 0 when a
+    validation split is disjoint from the test questions."""
+    def questions(reports):
+        return {(item["question"], tuple(item["answers"])) for report in reports for item in report["items"]}
+    return len(questions(reports_a) & questions(reports_b))
+
+
+def preregistered_rows(comparisons: Sequence[Mapping[str, Any]], prereg: Any, solo_arms: Sequence[str],
+                       base: str = "base") -> list[dict[str, Any]]:
+    """The pre-registered decisions from the comparison rows: each primary comparison on the primary
+    cell (significant at prereg.level by the exact McNemar test, or not), and each SoLoPO arm vs the base
+    on the short suite (holds when the point estimate loses at most short_margin_points)."""
+    primary = cell_label((prereg.primary_suite, prereg.primary_context_length, prereg.primary_depth))
+    by_key = {(row["a"], row["b"], row["cell"]): row for row in comparisons}
+    rows = []
+    for a, b in prereg.primary_comparisons:
+        row = by_key.get((a, b, primary))
+        if row is None:
+            rows.append({"kind": "primary", "a": a, "b": b, "cell": primary, "verdict": "not evaluated"})
+            continue
+        p = row.get("p_mcnemar")
+        verdict = ("no significant difference" if p is None or p >= prereg.level else
+                   f"{b} better" if row["diff"] > 0 else f"{b} worse")
+        rows.append({"kind": "primary", **row, "verdict": verdict})
+    for arm in solo_arms:
+        row = by_key.get((base, arm, prereg.short_suite))
+        if row is None:
+            rows.append({"kind": "short", "a": base, "b": arm, "cell": prereg.short_suite, "verdict": "not evaluated"})
+            continue
+        holds = 100.0 * row["diff"] >= -prereg.short_margin_points
+        rows.append({"kind": "short", **row, "verdict": f"{'holds' if holds else 'fails'} "
+                                                        f"(margin -{prereg.short_margin_points:g} points)"})
+    return rows
+
+
 def analyze(reports: Mapping[str, Mapping[str, Any]], costs: Mapping[str, Mapping[str, Any]],
             comparisons: Sequence[tuple[str, str]], metric: str, resamples: int, seed: int) -> dict[str, Any]:
     """All numbers of the results: accuracy rows, comparison rows, training costs, eval throughput."""
     scores = {arm: cell_scores(report, metric) for arm, report in reports.items()}
     return {"metric": metric, "arms": list(reports), "accuracy": accuracy_table(scores, resamples, seed),
             "comparisons": comparison_table(scores, comparisons, metric, resamples, seed),
-            "training_cost": dict(costs), "eval_throughput": {arm: eval_throughput(r) for arm, r in reports.items()}}
+            "training_cost": dict(costs), "eval_throughput": {arm: eval_throughput(r) for arm, r in reports.items()},
+            "prediction_quality": {arm: prediction_quality(r) for arm, r in reports.items()}}
 
 
 # ------------------------------------------------------------------------------------- Markdown
@@ -174,7 +266,8 @@ def markdown(results: Mapping[str, Any], ablations: Mapping[str, str] | None = N
     arms, metric = results["arms"], results["metric"].replace("_", "-")
     ablations = ablations or {}
     names = [f"{arm} (ablation: {ablations[arm]})" if arm in ablations else arm for arm in arms]
-    lines = [f"### {metric} (%) per arm and cell, mean [95% bootstrap CI]", "",
+    lines = _preregistered_lines(results.get("preregistered") or [], metric) + _selection_lines(results.get("selection") or {})
+    lines += [f"### {metric} (%) per arm and cell, mean [95% bootstrap CI]", "",
              "| cell | n | " + " | ".join(names) + " |", "|---|---|" + "---|" * len(arms)]
     for row in results["accuracy"]:
         n = max((ci["n"] for ci in row["arms"].values() if ci), default=0)
@@ -193,16 +286,54 @@ def markdown(results: Mapping[str, Any], ablations: Mapping[str, str] | None = N
               "50%). Differences below it can be neither shown nor ruled out. p-values are not corrected for "
               "the number of cells.", "",
               "### Cost", "",
-              "| arm | pairs trained | s / pair (median) | peak memory (GiB) | tokens / pair | eval prompt tok/s | "
-              "eval generated tok/s |", "|---|---|---|---|---|---|---|"]
+              "| arm | pair updates | distinct pairs | s / pair (median) | peak memory (GiB) | tokens / pair | "
+              "eval prompt tok/s | eval generated tok/s | repeating outputs | answer line |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
     for arm in arms:
         cost, thr = results["training_cost"].get(arm), results["eval_throughput"].get(arm)
-        train_text = ("- | - | - | -" if cost is None else
-                      f"{cost['pairs']} | {cost['seconds_per_pair_median']:.2f} | {cost['peak_mem_gib']:.2f} | "
-                      f"{cost['tokens_per_pair']:.0f}")
+        train_text = ("- | - | - | - | -" if cost is None else
+                      f"{cost['pairs']} | {cost.get('distinct_pairs') or '-'} | {cost['seconds_per_pair_median']:.2f} | "
+                      f"{cost['peak_mem_gib']:.2f} | {cost['tokens_per_pair']:.0f}")
+        quality = (results.get("prediction_quality") or {}).get(arm)
+        quality_text = ("- | -" if not quality or not quality["items"] else
+                        f"{_pct(quality['repetition_rate'])}% | {_pct(quality['answer_format_rate'])}%")
         lines.append(f"| {arm} | {train_text} | {thr['prompt_tokens_per_s']:.0f} | "
-                     f"{thr['generated_tokens_per_s']:.1f} |")
-    return "\n".join(lines + _sampling_lines(results.get("sampling") or {})) + "\n"
+                     f"{thr['generated_tokens_per_s']:.1f} | {quality_text} |")
+    lines += ["", "'repeating outputs': predictions in which a word 4-gram occurs 3+ times; 'answer line': "
+              "predictions with the scored answer extracted; both over all of the arm's eval items."]
+    return "\n".join(lines + _sampling_lines(results.get("sampling") or {})
+                     + _diagnostics_lines(results.get("training_diagnostics") or {})) + "\n"
+
+
+def _before_after(values: Mapping[str, Any]) -> str:
+    before, after = values.get("before"), values.get("after")
+    if before is None or after is None:
+        return "-"
+    return f"{before:.3f} -> {after:.3f} ({after - before:+.3f})"
+
+
+def _diagnostics_lines(diagnostics: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per arm: the held-out pairs' mean log-probs before -> after training, and the mean RA gradient share."""
+    arms = {arm: d for arm, d in diagnostics.items() if d}
+    if not arms:
+        return []
+    pairs = sorted({d.get("heldout_pairs") for d in arms.values() if d.get("heldout_pairs")})
+    same = len({tuple(d.get("heldout_ids") or ()) for d in arms.values()}) == 1
+    lines = ["", "### Training diagnostics", "",
+             f"Held-out pairs ({', '.join(map(str, pairs)) or 'none'}; "
+             f"{'the same pairs for every arm' if same else 'NOT the same pairs for every arm'}, never trained on): "
+             "mean log-prob per response token, before -> after training (change). 'RA share': mean over the "
+             "logged steps of ||g_RA|| / ||g|| (SoLo arms only); 'cos': mean cosine between the RA and the PO "
+             "gradients (negative: the RA term works against the preference term). docs/training.md "
+             "\"Diagnostics\" says how to read them.", "",
+             "| arm | chosen on x_short | chosen on x_long | rejected on x_short | rejected on x_long | "
+             "chosen gap short - long | RA share | cos(RA, PO) |", "|---|---|---|---|---|---|---|---|"]
+    for arm, d in arms.items():
+        cells = [_before_after(d.get(role) or {}) for role in (*_HELDOUT_ROLES, "chosen_gap_short_minus_long")]
+        share, cos = d.get("ra_grad_share_mean"), d.get("grad_cos_ra_po_mean")
+        cells += ["-" if share is None else f"{share:.3f}", "-" if cos is None else f"{cos:+.3f}"]
+        lines.append(f"| {arm} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _sampling_lines(sampling: Mapping[str, Mapping[str, Any]]) -> list[str]:
@@ -210,12 +341,49 @@ def _sampling_lines(sampling: Mapping[str, Mapping[str, Any]]) -> list[str]:
     counted = {name: t for name, t in sampling.items() if t.get("sampled_questions_now")}
     if not counted:
         return []
-    lines = ["", "| pairs sampled on | questions sampled | prompt tokens | generated tokens | sampling s | "
-             "prompt tok/s | generated tok/s |", "|---|---|---|---|---|---|---|"]
+    lines = ["", "| pairs sampled on | questions sampled | pairs | pairs / sampling hour | prompt tokens | "
+             "generated tokens | sampling s | prompt tok/s | generated tok/s |", "|---|---|---|---|---|---|---|---|---|"]
     for name, t in counted.items():
-        lines.append(f"| x_{name} | {t['sampled_questions_now']} | {t['prompt_tokens']} | {t['generated_tokens']} | "
-                     f"{t['sampling_backend_s']:.0f} | {t['prompt_tokens_per_s']:.0f} | "
-                     f"{t['generated_tokens_per_s']:.1f} |")
+        pairs = t.get("pairs_written")
+        per_hour = "-" if pairs is None else f"{3600.0 * pairs / max(t['sampling_backend_s'], 1e-9):.0f}"
+        lines.append(f"| x_{name} | {t['sampled_questions_now']} | {'-' if pairs is None else pairs} | {per_hour} | "
+                     f"{t['prompt_tokens']} | {t['generated_tokens']} | {t['sampling_backend_s']:.0f} | "
+                     f"{t['prompt_tokens_per_s']:.0f} | {t['generated_tokens_per_s']:.1f} |")
+    return lines + ["", "'pairs / sampling hour': pairs written per hour of the sampling backend's time (the "
+                    "questions sampled in this run)."]
+
+
+def _preregistered_lines(rows: Sequence[Mapping[str, Any]], metric: str) -> list[str]:
+    """The pre-registered decisions, first in the table: primary comparisons and the short-suite margin."""
+    if not rows:
+        return []
+    lines = [f"### Pre-registered decisions ({metric}, percentage points, b - a on the same items)", "",
+             "| decision | b vs a | cell | n | b - a [95% CI] | p (McNemar, exact) | p (paired bootstrap) | "
+             "detectable (paired) | verdict |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in rows:
+        kind = "primary" if row["kind"] == "primary" else "short-suite margin"
+        if "diff" not in row:
+            lines.append(f"| {kind} | {row['b']} vs {row['a']} | {row['cell']} | - | - | - | - | - | {row['verdict']} |")
+            continue
+        lines.append(f"| {kind} | {row['b']} vs {row['a']} | {row['cell']} | {row['n']} | {_pct(row['diff'])} "
+                     f"[{_pct(row['lo'])}, {_pct(row['hi'])}] | {_p_text(row.get('p_mcnemar'))} | "
+                     f"{_p_text(row['p_bootstrap'])} | {_mdd_text(row.get('mdd_paired'))} | {row['verdict']} |")
+    return lines + ["", "Decided before any arm was evaluated (the experiment file's `preregistration`, in the git "
+                    "history); p-values are not corrected across the primary comparisons.", ""]
+
+
+def _selection_lines(selection: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Per SoLoPO arm with alpha candidates: the validation scores and the chosen alpha."""
+    if not selection:
+        return []
+    lines = ["### Alpha selection on the validation split (questions disjoint from the test questions)", "",
+             "| arm | cell | " + "candidates: alpha = score (n)" + " | chosen |", "|---|---|---|---|"]
+    for arm, choice in selection.items():
+        scores = ", ".join(f"{row['alpha']:g} = {_pct(row['score'])}% ({row['n']})" for row in choice["rows"])
+        lines.append(f"| {arm} | {choice['cell']} | {scores} | {choice['alpha']:g} |")
+    overlap = {arm: choice.get("test_overlap") for arm, choice in selection.items()}
+    lines += ["", "Questions shared by the validation and test evals: "
+              + ", ".join(f"{arm} {'?' if n is None else n}" for arm, n in overlap.items()) + " (must be 0).", ""]
     return lines
 
 

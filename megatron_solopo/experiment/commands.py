@@ -39,6 +39,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                             "fetch-default-model); used when the config names no model")
     parser.add_argument("--publish", metavar="DIR", help="after the analysis, copy the results (config, data "
                                                          "summaries, eval reports, table, plots) to DIR")
+    parser.add_argument("--arms", metavar="A,B", help="run the stages of these arms only (the pair sets and the "
+                        "base are shared: a second run with the other arms skips them); the analysis covers "
+                        "every arm evaluated so far")
     parser.add_argument("overrides", nargs="*", metavar="section.key=value",
                         help="overrides of the shared config, applied to every stage (after --quick's)")
 
@@ -74,8 +77,13 @@ def _base_model_args(shared: dict) -> list[str]:
 
 
 def plan_stages(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shared: dict,
-                fetch_dir: pathlib.Path | None) -> list[Stage]:
-    """Every stage's command line; writes each stage's full config under run_dir/configs/."""
+                fetch_dir: pathlib.Path | None, validation_eval: dict | None = None,
+                arms: list[str] | None = None) -> list[Stage]:
+    """Every stage's command line; writes each stage's full config under run_dir/configs/.
+
+    validation_eval: the eval section of the validation split (needed when an arm has alpha candidates).
+    arms: plan only these arms' stages (None: all); the pair sets and the base eval are always planned.
+    """
     configs = run_dir / "configs"
     stages = []
     if fetch_dir is not None:
@@ -87,29 +95,98 @@ def plan_stages(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shar
             shared, data={"sample_on": pair_set, "output_dir": str(data_dir), "cache_dir": str(data_dir / "cache")}))
         stages.append(Stage(f"data-{pair_set}", f"build the pairs sampled on x_{pair_set}",
                             solopo_argv("build-data", "--config", config)))
-    for arm in experiment.arms:
-        data_dir = run_dir / "data" / arm.pairs
-        train_dir = run_dir / "train" / arm.name
-        config = _write_yaml(configs / f"train-{arm.name}.yaml", _stage_config(
-            shared, data={"sample_on": arm.pairs, "output_dir": str(data_dir),
-                                          "cache_dir": str(data_dir / "cache")},
-            train={"output_dir": str(train_dir), "resume": "auto"}) | {"objective": dict(arm.objective)})
-        stages.append(Stage(f"train-{arm.name}", f"train {arm.name} on the x_{arm.pairs} pairs",
-                            solopo_argv("train", "--config", config)))
-    for arm in [BASE_ARM, *(a.name for a in experiment.arms)]:
+    heldout = _heldout_source(experiment, run_dir, shared)
+    chosen = [arm for arm in experiment.arms if arms is None or arm.name in arms]
+    for arm in chosen:
+        if not arm.alpha_candidates:
+            stages.append(_train_stage(run_dir, shared, arm.name, arm.pairs, arm.objective, heldout))
+            continue
+        if validation_eval is None:
+            raise ValueError(f"arm {arm.name} selects alpha: plan_stages needs the validation eval section")
+        for alpha in arm.alpha_candidates:
+            name = arm.candidate_name(alpha)
+            stages.append(_train_stage(run_dir, shared, name, arm.pairs, arm.candidate_objective(alpha), heldout))
+            config = _write_yaml(configs / f"eval-val-{name}.yaml", _stage_config(
+                {**shared, "eval": validation_eval}, eval={"output_dir": str(run_dir / "eval-val" / name), "label": name}))
+            argv = (lambda cfg=config, d=run_dir / "train" / name: solopo_argv(
+                "eval", "--config", cfg, "--checkpoint", latest_checkpoint(d, "solopo experiment")))
+            stages.append(Stage(f"eval-val-{name}", f"evaluate {name} on the validation split", argv))
+    for arm in [BASE_ARM, *(a.name for a in chosen)]:
         config = _write_yaml(configs / f"eval-{arm}.yaml", _stage_config(
             shared, eval={"output_dir": str(run_dir / "eval" / arm), "label": arm}))
         if arm == BASE_ARM:
             argv = solopo_argv("eval", "--config", config, *_base_model_args(shared))
         else:
-            train_dir = run_dir / "train" / arm
-            argv = (lambda cfg=config, d=train_dir: solopo_argv("eval", "--config", cfg, "--checkpoint",
-                                                               latest_checkpoint(d, "solopo experiment")))
+            argv = (lambda cfg=config, a=arm: solopo_argv(
+                "eval", "--config", cfg, "--checkpoint",
+                latest_checkpoint(_arm_train_dir(experiment, run_dir, a, select=True), "solopo experiment")))
         stages.append(Stage(f"eval-{arm}", f"evaluate {arm} on the held-out questions", argv))
     return stages
 
 
+def _train_stage(run_dir: pathlib.Path, shared: dict, name: str, pairs: str, objective: dict, heldout: dict) -> Stage:
+    """`solopo train` of one arm (or alpha candidate) on its pair set, into run_dir/train/<name>."""
+    data_dir = run_dir / "data" / pairs
+    config = _write_yaml(run_dir / "configs" / f"train-{name}.yaml", _stage_config(
+        shared, data={"sample_on": pairs, "output_dir": str(data_dir), "cache_dir": str(data_dir / "cache")},
+        train={"output_dir": str(run_dir / "train" / name), "resume": "auto", **heldout}) | {"objective": dict(objective)})
+    return Stage(f"train-{name}", f"train {name} on the x_{pairs} pairs", solopo_argv("train", "--config", config))
+
+
+def _arm_train_dir(experiment: QualityExperimentConfig, run_dir: pathlib.Path, arm_name: str,
+                   select: bool = False) -> pathlib.Path:
+    """The training directory behind an arm: its own, or its chosen alpha candidate's. With select=True
+    the choice is made (from the validation reports) and recorded when it is not yet."""
+    from megatron_solopo.experiment.selection import load_selection
+
+    arm = next(a for a in experiment.arms if a.name == arm_name)
+    if not arm.alpha_candidates:
+        return run_dir / "train" / arm.name
+    choice = load_selection(run_dir, arm.name)
+    if choice is None:
+        if not select:
+            raise UserError(f"arm {arm.name}: its alpha has not been chosen yet (run its stages: --arms {arm.name})")
+        choice = _select_alpha(experiment, run_dir, arm)
+    return run_dir / "train" / choice["candidate"]
+
+
+def _select_alpha(experiment: QualityExperimentConfig, run_dir: pathlib.Path, arm) -> dict:
+    """Chooses and records the arm's alpha from its candidates' validation reports; prints the table."""
+    from megatron_solopo.eval.report import load_report
+    from megatron_solopo.experiment.selection import choose_alpha, save_selection, selection_cell
+
+    reports = {alpha: load_report(run_dir / "eval-val" / arm.candidate_name(alpha) / "report.json")
+               for alpha in arm.alpha_candidates}
+    choice = choose_alpha(arm, reports, experiment.metric, selection_cell(experiment.preregistration))
+    save_selection(run_dir, choice)
+    scores = ", ".join(f"alpha {row['alpha']:g}: {100 * row['score']:.1f}% (n={row['n']})" for row in choice["rows"])
+    print(f"{arm.name}: alpha {choice['alpha']:g} chosen on the validation split ({choice['cell']}; {scores})")
+    return choice
+
+
+def _heldout_source(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shared: dict) -> dict:
+    """train.heldout_pairs_path of every arm: the first pair set's pairs file, so that every arm scores the same
+    held-out pairs and leaves their questions (pair ids) out of its own training pairs, whichever set it
+    trains on. {} when shared.train.heldout_pairs is 0 (or an arm-independent path is given)."""
+    train = shared.get("train", {})
+    if not train.get("heldout_pairs") or train.get("heldout_pairs_path"):
+        return {}
+    return {"heldout_pairs_path": str(run_dir / "data" / experiment.pair_sets()[0] / "pairs.jsonl")}
+
+
 # ------------------------------------------------------------------------------------- run
+def _arms_argument(experiment: QualityExperimentConfig, text: str | None) -> list[str] | None:
+    """--arms A,B as a list of arm names (None: every arm); an unknown name is a one-line error."""
+    if not text:
+        return None
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    known = [arm.name for arm in experiment.arms]
+    unknown = [name for name in names if name not in known]
+    if unknown or not names:
+        raise UserError(f"--arms {text}: {unknown or 'no arm'} not among the file's arms {known}")
+    return names
+
+
 def _pin_experiment(run_dir: pathlib.Path, record: dict) -> None:
     """The run directory belongs to one experiment: a later run with other settings is refused."""
     path = run_dir / "experiment.json"
@@ -170,20 +247,69 @@ def _header(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shared: 
         f"- stage seconds: {json.dumps(seconds)}", "", ""])
 
 
-def _analyze(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shared: dict, seconds: dict,
-             quick: bool) -> dict[str, str]:
-    from megatron_solopo.eval.report import load_report
-    from megatron_solopo.experiment.analysis import analyze, training_cost, write_results
+def _evaluated_arms(experiment: QualityExperimentConfig, run_dir: pathlib.Path) -> list:
+    """The arms whose test eval exists (a run with --arms evaluates some of them)."""
+    return [arm for arm in experiment.arms if (run_dir / "eval" / arm.name / "report.json").is_file()]
 
-    arms = [BASE_ARM, *(arm.name for arm in experiment.arms)]
-    reports = {arm: load_report(run_dir / "eval" / arm / "report.json") for arm in arms}
-    costs = {arm.name: training_cost(run_dir / "train" / arm.name / "metrics.jsonl") for arm in experiment.arms}
-    results = analyze(reports, costs, experiment.all_comparisons(), experiment.metric,
+
+def _stage_seconds(run_dir: pathlib.Path) -> dict[str, float]:
+    """{stage: seconds} of every finished stage of the run directory (earlier runs with --arms included)."""
+    markers = sorted((run_dir / "stages").glob("*.json"), key=lambda path: path.stat().st_mtime)
+    return {path.stem: json.loads(path.read_text(encoding="utf-8"))["seconds"] for path in markers}
+
+
+def _selection_results(experiment: QualityExperimentConfig, run_dir: pathlib.Path, arms: list, reports: dict) -> dict:
+    """Per evaluated arm with alpha candidates: its recorded choice and how many of its validation
+    questions are test questions (0 expected)."""
+    from megatron_solopo.eval.report import load_report
+    from megatron_solopo.experiment.analysis import question_overlap
+    from megatron_solopo.experiment.selection import load_selection
+
+    out = {}
+    for arm in arms:
+        choice = load_selection(run_dir, arm.name) if arm.alpha_candidates else None
+        if choice is None:
+            continue
+        validation = [load_report(run_dir / "eval-val" / arm.candidate_name(a) / "report.json") for a in arm.alpha_candidates]
+        out[arm.name] = {**choice, "test_overlap": question_overlap(validation, list(reports.values()))}
+    return out
+
+
+def _sampling_results(experiment: QualityExperimentConfig, run_dir: pathlib.Path) -> dict:
+    """Per pair set: the data summary's sampling timing and the pairs it wrote."""
+    out = {}
+    for pair_set in experiment.pair_sets():
+        summary = _load_json(run_dir / "data" / pair_set / "summary.json") or {}
+        out[pair_set] = {**summary.get("timing", {}), "pairs_written": summary.get("counts", {}).get("pairs_written")}
+    return out
+
+
+def _analyze(experiment: QualityExperimentConfig, run_dir: pathlib.Path, shared: dict, quick: bool) -> dict[str, str]:
+    from megatron_solopo.eval.report import load_report
+    from megatron_solopo.experiment.analysis import (analyze, preregistered_rows, training_cost, training_diagnostics,
+                                                     write_results)
+
+    evaluated = _evaluated_arms(experiment, run_dir)
+    missing = [arm.name for arm in experiment.arms if arm not in evaluated]
+    if missing:
+        print(f"analysis without {', '.join(missing)} (not evaluated yet: `--arms {','.join(missing)}` runs them)")
+    names = [BASE_ARM, *(arm.name for arm in evaluated)]
+    reports = {arm: load_report(run_dir / "eval" / arm / "report.json") for arm in names}
+    train_dirs = {arm.name: _arm_train_dir(experiment, run_dir, arm.name) for arm in evaluated}
+    costs = {name: training_cost(train_dir / "metrics.jsonl") for name, train_dir in train_dirs.items()}
+    prereg = experiment.preregistration
+    comparisons = experiment.all_comparisons() + [tuple(pair) for pair in (prereg.primary_comparisons if prereg else [])]
+    results = analyze(reports, costs, list(dict.fromkeys(comparisons)), experiment.metric,
                       experiment.bootstrap_resamples, experiment.seed)
+    if prereg is not None:
+        solo = [arm.name for arm in evaluated if arm.objective.get("mode", "solo") == "solo"]
+        results["preregistered"] = preregistered_rows(results["comparisons"], prereg, solo, BASE_ARM)
+    seconds = _stage_seconds(run_dir)
     results["machine"] = _load_json(run_dir / "machine.json")
     results["stage_seconds"] = seconds
-    results["sampling"] = {pair_set: (_load_json(run_dir / "data" / pair_set / "summary.json") or {}).get("timing", {})
-                           for pair_set in experiment.pair_sets()}
+    results["training_diagnostics"] = {name: training_diagnostics(train_dir) for name, train_dir in train_dirs.items()}
+    results["sampling"] = _sampling_results(experiment, run_dir)
+    results["selection"] = _selection_results(experiment, run_dir, evaluated, reports)
     ablations = {arm.name: arm.ablation for arm in experiment.arms if arm.ablation}
     return write_results(results, run_dir / "results", ablations,
                          header=_header(experiment, run_dir, shared, seconds, quick))
@@ -207,10 +333,16 @@ def publish(run_dir: pathlib.Path, experiment: QualityExperimentConfig, out_dir:
         if report.is_file():
             (out_dir / "eval").mkdir(exist_ok=True)
             shutil.copy2(report, out_dir / "eval" / f"{arm}.json")
-        metrics = run_dir / "train" / arm / "metrics.jsonl"
-        if metrics.is_file():
-            (out_dir / "train").mkdir(exist_ok=True)
-            shutil.copy2(metrics, out_dir / "train" / f"{arm}.metrics.jsonl")
+    for train_dir in sorted((run_dir / "train").glob("*")):  # every arm and alpha candidate
+        for name, suffix in (("metrics.jsonl", "metrics.jsonl"), ("run_summary.json", "run_summary.json")):
+            if (train_dir / name).is_file():
+                (out_dir / "train").mkdir(exist_ok=True)
+                shutil.copy2(train_dir / name, out_dir / "train" / f"{train_dir.name}.{suffix}")
+    for report in sorted((run_dir / "eval-val").glob("*/report.json")):  # the validation split
+        (out_dir / "eval-val").mkdir(exist_ok=True)
+        shutil.copy2(report, out_dir / "eval-val" / f"{report.parent.name}.json")
+    if (run_dir / "selection").is_dir():
+        shutil.copytree(run_dir / "selection", out_dir / "selection", dirs_exist_ok=True)
     _strip_local_paths(out_dir, run_dir)
 
 
@@ -244,12 +376,19 @@ def run(args: argparse.Namespace) -> int:
 
         fetch_dir = pathlib.Path(args.model_dir).resolve() if args.model_dir else default_cache_dir()
     shared = _resolved_shared(experiment, overrides, fetch_dir)
-    _pin_experiment(run_dir, {"config_file": str(pathlib.Path(args.config).resolve()), "quick": args.quick,
-                              "overrides": overrides, "arms": [a.name for a in experiment.arms], "shared": shared})
+    # the validation split: the shared eval with the file's `validation` overrides; --quick's sizes win again
+    validation = [*overrides, *experiment.validation, *(experiment.quick if args.quick else [])]
+    validation_eval = _resolved_shared(experiment, validation, fetch_dir)["eval"] if experiment.validation else None
+    only = _arms_argument(experiment, args.arms)
+    record = {"config_file": str(pathlib.Path(args.config).resolve()), "quick": args.quick, "overrides": overrides,
+              "arms": [a.name for a in experiment.arms], "shared": shared}
+    if experiment.validation:  # only when used: run directories of earlier versions stay valid
+        record["validation"] = experiment.validation
+    _pin_experiment(run_dir, record)
     _measure_machine(run_dir)
-    stages = plan_stages(experiment, run_dir, shared, fetch_dir)
-    seconds = StageRunner(run_dir).run(stages)
-    paths = _analyze(experiment, run_dir, shared, seconds, args.quick)
+    stages = plan_stages(experiment, run_dir, shared, fetch_dir, validation_eval, only)
+    StageRunner(run_dir).run(stages)
+    paths = _analyze(experiment, run_dir, shared, args.quick)
     print((run_dir / "results" / "table.md").read_text(encoding="utf-8"))
     print("results: " + ", ".join(f"{k} {v}" for k, v in paths.items()))
     if args.publish:

@@ -5,6 +5,13 @@ progress bars, exactly what a user would type). When it exits with 0 the runner 
 `<run_dir>/stages/<name>.json` (command, seconds, finish time); a later run skips every stage with a
 marker, so a killed experiment continues with the stage it was in. The commands themselves resume
 inside a stage where they can (`solopo train` with train.resume=auto, build-data's sampling cache).
+
+SIGTERM or SIGHUP to the runner is forwarded (as SIGTERM) to the running stage, and the runner waits
+for it: `solopo train` saves a checkpoint and exits, so nothing of the experiment outlives it and an
+immediate rerun finds no run lock held. SIGINT (Ctrl-C reaches the whole process group) is left to
+the stage, and forwarded as SIGTERM only if the stage still runs `SIGINT_GRACE_S` later (a SIGINT sent
+to the runner alone). The runner then exits with the stage's status if it was 75 (resumable), else
+128 + the signal's number.
 """
 
 from __future__ import annotations
@@ -15,8 +22,10 @@ import json
 import os
 import pathlib
 import shlex
+import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 
@@ -25,6 +34,46 @@ __all__ = ["Stage", "StageRunner", "solopo_argv", "latest_checkpoint"]
 # Megatron-Core and transformers warn about optional kernels at every import; a pipeline's output is
 # its stages' progress, so those warnings are muted in the stage processes (not in `solopo` itself)
 _QUIET_WARNINGS = "ignore::UserWarning,ignore::FutureWarning,ignore::DeprecationWarning"
+
+
+FORWARDED_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+SIGINT_GRACE_S = 2.0
+"""How long a stage has to react to a SIGINT of its own (Ctrl-C) before the runner forwards SIGTERM."""
+EXIT_RESUMABLE = 75
+"""A stage that stopped early with a checkpoint (`solopo train`): the runner keeps that status."""
+
+
+def run_forwarding_signals(argv: list[str], env: dict[str, str] | None = None) -> tuple[int, int | None]:
+    """Runs `argv` to completion, forwarding FORWARDED_SIGNALS to it (see the module docstring); returns
+    (its exit status, the first signal this process received or None). Handlers are installed only in the
+    main thread and restored afterwards."""
+    child = subprocess.Popen(argv, env=env)
+    received: list[tuple[int, float]] = []
+    forwarded = False
+
+    def forward(signum, frame) -> None:
+        nonlocal forwarded
+        received.append((signum, time.monotonic()))
+        if signum != signal.SIGINT and child.poll() is None:
+            forwarded = True
+            child.send_signal(signal.SIGTERM)
+
+    previous = {}
+    if threading.current_thread() is threading.main_thread():
+        previous = {sig: signal.signal(sig, forward) for sig in FORWARDED_SIGNALS}
+    try:
+        while True:
+            try:
+                return child.wait(timeout=0.2), (received[0][0] if received else None)
+            except subprocess.TimeoutExpired:
+                pass
+            sigint_at = next((at for sig, at in received if sig == signal.SIGINT), None)
+            if not forwarded and sigint_at is not None and time.monotonic() - sigint_at > SIGINT_GRACE_S:
+                forwarded = True
+                child.send_signal(signal.SIGTERM)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 def solopo_argv(*args: str) -> list[str]:
@@ -98,10 +147,15 @@ class StageRunner:
         if self.quiet_warnings:
             env["PYTHONWARNINGS"] = _QUIET_WARNINGS
         start = time.perf_counter()
-        result = subprocess.run(argv, env=env)
+        returncode, signum = run_forwarding_signals(argv, env)
         elapsed = round(time.perf_counter() - start, 1)
-        if result.returncode != 0:
-            raise SystemExit(f"stage {stage.name!r} ({stage.title}) failed with exit code {result.returncode}; its "
+        if signum is not None:
+            name = signal.Signals(signum).name
+            print(f"stage {stage.name!r} ({stage.title}) stopped on {name} (exit code {returncode}); run the same "
+                  "command again to continue: finished stages are skipped", file=sys.stderr, flush=True)
+            raise SystemExit(returncode if returncode == EXIT_RESUMABLE else 128 + signum)
+        if returncode != 0:
+            raise SystemExit(f"stage {stage.name!r} ({stage.title}) failed with exit code {returncode}; its "
                              f"output is above. Fix the cause and run the same command again: finished stages are "
                              f"skipped. The failing command: {shown}")
         record = {"name": stage.name, "title": stage.title, "command": shown, "seconds": elapsed,

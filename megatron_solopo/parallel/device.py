@@ -56,3 +56,13 @@ def cuda_in_use() -> bool:
 def compute_device() -> torch.device:
     """torch.device of this process's compute: cuda:<current> or cpu."""
     return torch.device("cuda", torch.cuda.current_device()) if cuda_in_use() else torch.device("cpu")
+
+
+def setting_device(value: str, setting: str) -> torch.device:
+    """The torch.device a device setting names (eval.device, data.sampling_device): "auto" -> CUDA when in use,
+    else the CPU; a CUDA device on a machine where torch sees none is a ValueError naming `setting`."""
+    if value == "auto":
+        return torch.device("cuda" if cuda_in_use() else "cpu")
+    if value.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError(f"{setting}={value} but torch sees no CUDA GPU on this machine; use {setting}=auto or cpu")
+    return torch.device(value)

@@ -74,7 +74,39 @@ def run(args: argparse.Namespace) -> int:
         return report_error("plan", err)
 
 
+def validate_args(args: argparse.Namespace) -> None:
+    """UserError naming the flag for a value no layout or batch can have (before any dry run): sizes below 1,
+    a GPU memory of 0 or less, empty or negative token counts, a long context shorter than the short one."""
+    for flag in ("tp", "pp", "cp", "dp", "micro_batch_pairs", "microbatches"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} {getattr(args, flag)}: must be at least 1")
+    if args.vpp is not None and args.vpp < 1:
+        raise UserError(f"--vpp {args.vpp}: must be at least 1 (or left out)")
+    if args.gpus is not None and args.gpus < 1:
+        raise UserError(f"--gpus {args.gpus}: must be at least 1")
+    if not args.gpu_memory_gib > 0:
+        raise UserError(f"--gpu-memory-gib {args.gpu_memory_gib:g}: must be more than 0")
+    if args.top < 0:
+        raise UserError(f"--top {args.top}: must be 0 (all) or more")
+    tokens = {}
+    for flag in ("short", "long", "response"):
+        try:
+            tokens[flag] = parse_tokens(getattr(args, flag))
+        except ValueError as err:
+            raise UserError(f"--{flag}: {err}") from None
+        if tokens[flag] < 1:
+            raise UserError(f"--{flag} {getattr(args, flag)}: a context or answer needs at least 1 token")
+    if tokens["long"] < tokens["short"]:
+        raise UserError(f"--long {args.long} is shorter than --short {args.short}: the long context holds the short "
+                        "one's evidence among distractors, so give --long >= --short")
+    for field in dataclasses.fields(Assumptions):
+        value = getattr(args, field.name)
+        if isinstance(value, (int, float)) and value < 0:
+            raise UserError(f"--{field.name.replace('_', '-')} {value}: must not be negative")
+
+
 def _run(args: argparse.Namespace) -> int:
+    validate_args(args)
     if args.gpus is not None or args.smallest:
         return _search(args)
     if args.recompute is None:

@@ -294,9 +294,21 @@ def plan_step(spec: PlanSpec, fake: bool = True) -> PlanResult:
     """Runs two training steps of `spec` (the second measured) and returns the memory breakdown.
 
     fake=True: creates a fake process group of spec.world_size ranks (torch.distributed must not be
-    initialized) and tears it down after. fake=False: real tensors, one process per rank of the layout
-    (torchrun, or an existing process group of that size, which is left up); the result is this rank's.
+    initialized) and tears it down after; the warnings of that step (dtype dispatch on the CPU, deprecated
+    collectives, a non-leaf .grad) describe the fake run, not the real one, and are not shown (unless
+    SOLOPO_SHOW_WARNINGS=1). fake=False:
+    real tensors, one process per rank of the layout (torchrun, or an existing process group of that size,
+    which is left up); the result is this rank's.
     """
+    import warnings
+
+    with warnings.catch_warnings():
+        if fake and os.environ.get("SOLOPO_SHOW_WARNINGS") != "1":
+            warnings.simplefilter("ignore")
+        return _plan_step(spec, fake)
+
+
+def _plan_step(spec: PlanSpec, fake: bool) -> PlanResult:
     from megatron_solopo.checkpoint.loader import load_model
     from megatron_solopo.model import ModelConfig, get_preset
     from megatron_solopo.objectives import ObjectiveConfig

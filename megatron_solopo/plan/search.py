@@ -311,7 +311,10 @@ class SearchResult:
                "memory: dry run (fake tensors) at 2 and 4 layers, extrapolated to the full depth (exact: affine "
                "in layers); time: PROJECTION from the roofline below, not a measurement"]
         fits = self.fitting()
-        if not fits:
+        if self.rows and all(r.status.startswith("pruned: DP does not divide") for r in self.rows):
+            out.append(f"  no layout of {self.gpus} GPUs has a DP that divides --global-batch-pairs "
+                       f"{self.assumptions.global_batch_pairs}: choose another GPU count or global batch")
+        elif not fits:
             out.append("  no searched layout fits: more GPUs, a shorter long context, the distributed optimizer, "
                        "or PP (not searched: dry-run a PP layout with --pp)")
         else:
@@ -396,6 +399,10 @@ def search_layouts(spec: PlanSpec, gpus: int, gpu_memory_gib: float, assumptions
     failed: list[Candidate] = []
     for row in rows:
         c = row.candidate
+        if assumptions.global_batch_pairs % c.dp:  # train would refuse it: never recommend it
+            row.status = (f"pruned: DP does not divide the global batch (DP={c.dp}, --global-batch-pairs "
+                          f"{assumptions.global_batch_pairs})")
+            continue
         if row.lower_bound > usable:
             row.status = f"pruned: lower bound (lower bound {row.lower_bound / GIB:.1f} GiB)"
             continue

@@ -31,12 +31,18 @@ warning naming it and resumes from the newest intact one. `find_latest_checkpoin
 `step_N` directories holding the marker, so a run killed mid-save never resumes from a partial
 checkpoint. The directory must be on a file system
 shared by all ranks (as for any dist_checkpointing save).
+
+Full disk: `check_checkpoint_space` (before the first step, and inside every save) refuses when the free
+space is below SPACE_MARGIN x the newest checkpoint's size (or `estimated_checkpoint_bytes` before the
+first); a save that fails anyway removes its temporary directory and raises one CheckpointError naming
+the checkpoint on every rank (`_save_failed`).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import datetime
+import errno
 import json
 import logging
 import os
@@ -60,19 +66,23 @@ from megatron_solopo.checkpoint.format import (  # noqa: F401 - CheckpointError,
     MARKER_FILE,
     TRAINED,
     CheckpointError,
+    check_checkpoint,
     read_marker,
     verify_manifest,
     write_manifest,
     write_marker,
 )
 from megatron_solopo.checkpoint.weights import (
+    READ_ERRORS,
     SHARDED_STATE_METADATA,
+    error_cause,
     load_module_state,
     load_tolerating_extra_state,
     model_sharded_state_dict,
     model_state_keys,
     unwrap_model,
 )
+from megatron_solopo.console import describe_error
 
 logger = logging.getLogger(__name__)
 
@@ -298,11 +308,6 @@ def adopt_current_hyperparameters(optimizer, loaded_state: Any) -> dict[str, tup
     return changed
 
 
-def _barrier() -> None:
-    if dist.is_initialized():
-        dist.barrier()
-
-
 # ----------------------------------------------------------------------------- the writer's helper
 def _checkpoint_writer_dies_with_this_process() -> None:
     """Makes the helper process dist_checkpointing's torch_dist writer starts (a multiprocessing Manager
@@ -356,11 +361,8 @@ def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model_chun
     final = root / checkpoint_name(state.step)
     tmp = root / f".{final.name}{_INCOMPLETE_SUFFIX}"
     rank = dist.get_rank()
-    if rank == 0:
-        root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
-        tmp.mkdir()
-    _barrier()
+    check_checkpoint_space(output_dir, model_chunks, optimizer)  # collective
+    _on_rank0_then_everywhere(lambda: _fresh_directory(root, tmp), final)
 
     from megatron.core import dist_checkpointing
 
@@ -377,15 +379,124 @@ def save_checkpoint(output_dir: str | os.PathLike, state: TrainState, model_chun
         "distributed_optimizer": None if optimizer is None else uses_distributed_optimizer(optimizer),
     }
     _checkpoint_writer_dies_with_this_process()
-    dist_checkpointing.save(sharded_sd, str(tmp))  # collective; ends with a barrier
+    try:
+        dist_checkpointing.save(sharded_sd, str(tmp))  # collective; ends with a barrier
+    except READ_ERRORS as err:  # a full disk surfaces as CheckpointException / "Worker failure"
+        if rank == 0:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise _save_failed(final, err) from None
 
-    if rank == 0:
+    def finish() -> None:
         _write_side_files(tmp, state.step, config_yaml, tokenizer, hf_config, metadata)
         _publish(tmp, final)
         if keep_last:
             prune_checkpoints(root, keep_last)
-    _barrier()
+
+    _on_rank0_then_everywhere(finish, final, cleanup=tmp)
     return final
+
+
+def _fresh_directory(root: pathlib.Path, tmp: pathlib.Path) -> None:
+    root.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(tmp, ignore_errors=True)  # a leftover of a save that was killed
+    tmp.mkdir()
+
+
+def _on_rank0_then_everywhere(work, final: pathlib.Path, cleanup: pathlib.Path | None = None) -> None:
+    """Runs `work` on rank 0; a failure (a full disk, ...) raises the same CheckpointError on every rank instead
+    of leaving the others waiting in the next barrier. `cleanup` (the temporary directory) is removed then."""
+    error = None
+    if dist.get_rank() == 0:
+        try:
+            work()
+        except (OSError, CheckpointError) as err:
+            if cleanup is not None:
+                shutil.rmtree(cleanup, ignore_errors=True)
+            error = str(_save_failed(final, err)) if isinstance(err, OSError) else str(err)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        box = [error]
+        dist.broadcast_object_list(box, src=0)
+        error = box[0]
+    if error is not None:
+        raise CheckpointError(error)
+
+
+def _disk_full(err: BaseException) -> bool:
+    """Whether `err` (or the exception a rank of a CheckpointException raised, or its cause) is ENOSPC/EDQUOT."""
+    seen = 0
+    while err is not None and seen < 8:
+        if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if isinstance(err, CheckpointException) and err.failures:
+            failure = next(iter(err.failures.values()))
+            if _disk_full(failure[0] if isinstance(failure, tuple) else failure):
+                return True
+        if "No space left on device" in str(err) or "Errno 28" in str(err):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _save_failed(final: pathlib.Path, err: BaseException) -> CheckpointError:
+    """The one-line error of a checkpoint that could not be written: the directory, the cause, the fix."""
+    cause = describe_error(err) if isinstance(err, OSError) else error_cause(err)
+    latest = find_latest_checkpoint(final.parent)
+    # Megatron's writer workers report "Worker failure" without the OSError: look at the disk itself
+    little_space = _free_bytes(final.parent) < max(directory_size(latest) if latest else 0, 2**20)
+    fix = ("the disk is full: free space there (or choose another train.output_dir) and resume with train.resume="
+           "auto" if _disk_full(err) or little_space else
+           "check that the directory is writable and resume with train.resume=auto")
+    kept = (f"the newest complete checkpoint, {latest}, is untouched" if latest is not None and latest != final
+            else "no earlier checkpoint of this run exists")
+    return CheckpointError(f"checkpoint {final} could not be written ({cause}); {fix} ({kept})")
+
+
+# ------------------------------------------------------------------------------------ free space
+SPACE_MARGIN = 1.1
+"""A save needs this many times the size of the last checkpoint (or of the estimate) in free space."""
+
+
+def _free_bytes(path: pathlib.Path) -> int:
+    """Free bytes of the disk that holds `path` (or, before it exists, its nearest existing parent)."""
+    existing = next((p for p in (path, *path.parents) if p.is_dir()), pathlib.Path("/"))
+    return shutil.disk_usage(existing).free
+
+
+def directory_size(path: str | os.PathLike) -> int:
+    """Bytes of every file under `path`."""
+    return sum(file.stat().st_size for file in pathlib.Path(path).rglob("*") if file.is_file())
+
+
+def estimated_checkpoint_bytes(model_chunks: Sequence[torch.nn.Module], optimizer=None) -> int:
+    """About how large a checkpoint of this model is when none was saved yet: every weight (this rank's shard
+    times tp x pp), plus fp32 master weights and two Adam moments per weight with an optimizer."""
+    local = sum(p.numel() * (p.element_size() + (12 if optimizer is not None else 0))
+                for chunk in model_chunks for p in chunk.parameters())
+    layout = current_layout()
+    return int(local * layout["tp"] * layout["pp"])
+
+
+def check_checkpoint_space(output_dir: str | os.PathLike, model_chunks: Sequence[torch.nn.Module],
+                           optimizer=None) -> None:
+    """CheckpointError on every rank, before anything is written, when the disk of `output_dir` has less free
+    space than the next checkpoint needs: SPACE_MARGIN x the size of the newest complete checkpoint there, else
+    of `estimated_checkpoint_bytes`. Collective (rank 0 measures)."""
+    estimate = estimated_checkpoint_bytes(model_chunks, optimizer)  # on every rank: no collective inside
+
+    def check() -> None:
+        root = checkpoints_root(output_dir)
+        latest = find_latest_checkpoint(output_dir)
+        needed = int(SPACE_MARGIN * (directory_size(latest) if latest is not None else estimate))
+        where = root if root.is_dir() else pathlib.Path(output_dir)
+        free = _free_bytes(where)
+        if free < needed:
+            basis = f"the size of {latest.name}" if latest is not None else "an estimate from the model's size"
+            raise CheckpointError(
+                f"not enough free space for the next checkpoint in {where}: {free / 2**20:.1f} MiB free, about "
+                f"{needed / 2**20:.1f} MiB needed ({basis}, x{SPACE_MARGIN}); free space there or choose another "
+                "train.output_dir (train.keep_last limits how many checkpoints are kept)")
+
+    _on_rank0_then_everywhere(check, checkpoints_root(output_dir))
 
 
 def _write_side_files(directory: pathlib.Path, step: int, config_yaml: str | None, tokenizer: Any,
@@ -440,8 +551,6 @@ def load_common_state(path: str | os.PathLike) -> dict[str, Any]:
     return dist_checkpointing.load_common_state_dict(str(path))
 
 
-# torch.distributed.checkpoint's CheckpointException derives from BaseException, not Exception
-_READ_ERRORS = (Exception, CheckpointException)
 
 
 def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Module], optimizer=None,
@@ -452,16 +561,13 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
     TrainState (step, sampler position, scheduler state, extra). Without `optimizer` only weights load.
     """
     path = pathlib.Path(path)
-    problems = verify_manifest(path)
-    if problems:
-        raise CheckpointError(f"checkpoint {path} is damaged: {'; '.join(problems)}; resume from an earlier one "
-                              "(train.resume=<its directory>) or delete this one")
+    check_checkpoint(path, "resume from an earlier one (train.resume=<its directory>) or delete this one")
     try:
         common = load_common_state(path)
     except CheckpointError:
         raise
-    except _READ_ERRORS as err:  # torch.distributed.checkpoint raises anything on damaged files
-        raise CheckpointError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is damaged: "
+    except READ_ERRORS as err:  # torch.distributed.checkpoint raises anything on damaged files
+        raise CheckpointError(f"checkpoint {path} cannot be read ({error_cause(err)}); it is damaged: "
                               "resume from an earlier one or delete it") from err
     train_state = common["train_state"]
     if train_state.get("format_version") != FORMAT_VERSION:
@@ -485,8 +591,8 @@ def load_checkpoint(path: str | os.PathLike, model_chunks: Sequence[torch.nn.Mod
                     "RNG states start fresh", path, train_state["layout"], current_layout())
     try:
         loaded = load_tolerating_extra_state(request, path)  # a checkpoint written without TE loads with TE
-    except _READ_ERRORS as err:  # a damaged file surfaces as any exception inside the reader
-        raise CheckpointError(f"checkpoint {path} cannot be loaded ({type(err).__name__}: {err}); it is damaged "
+    except READ_ERRORS as err:  # a damaged file surfaces as any exception inside the reader
+        raise CheckpointError(f"checkpoint {path} cannot be loaded ({error_cause(err)}); it is damaged "
                               "or does not fit this model: resume from an earlier one") from err
 
     for key, chunk in zip(model_state_keys(len(model_chunks)), model_chunks):

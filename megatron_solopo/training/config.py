@@ -94,6 +94,31 @@ class TrainConfig:
     for NaN/Inf before the optimizer step in any case."""
     log_every: int = 1
     """Write metrics (console, metrics.jsonl, TensorBoard, W&B) every this many steps."""
+    diagnostics: bool = True
+    """Log the training diagnostics `diag/*` (docs/training.md "Diagnostics"): the mean (per response
+    token) log-prob of every scored sequence, the chosen response's short-minus-long gap, and how hard
+    each loss term pushes each of those log-probs up or down. Read from the step's own log-prob sums:
+    no extra model pass, a few scalars per micro-batch."""
+    ra_grad_share: bool = True
+    """Mode solo only (the other modes have no SoLo-RA term): at every logged step, measure how much of
+    the gradient comes from the SoLo-RA term (diag/ra_grad_share = ||g_RA|| / ||g||, diag/ra_po_grad_ratio
+    = ||g_RA|| / ||g_PO||, diag/grad_cos_ra_po; docs/training.md "Diagnostics"). Costs one extra forward
+    and backward of the step's micro-batches (the loss without its RA term) and a host-memory copy of
+    this rank's gradient, at logged steps only; the update itself is unchanged (same gradient, same RNG
+    draws) and the extra seconds are left out of step_time_s (logged as diag/extra_time_s). Skipped, with
+    a warning, under fp16 loss scaling."""
+    heldout_pairs: int = 0
+    """Preference pairs held out of training and scored before and after it (and every `heldout_every`
+    steps): the mean per-token log-prob of the chosen and rejected response on x_short and on x_long,
+    averaged over these pairs (heldout/*, and before/after in run_summary.json). 0 = none. They are
+    the first N pairs of `heldout_pairs_path` (null: of the training pairs), and every training pair
+    with the id of one of them is left out of training (build-data names a pair by its question's id,
+    so pair sets sampled on x_short and on x_long share the ids of a question)."""
+    heldout_pairs_path: str | None = None
+    """Pairs JSONL the held-out pairs are taken from (its first `heldout_pairs` pairs); null = the
+    training pairs (data.pairs_path). Give several runs the same file to score them on the same pairs."""
+    heldout_every: int = 0
+    """Also score the held-out pairs every this many steps (0 = only before and after training)."""
     tensorboard: bool = False
     """Also write TensorBoard event files to output_dir/tensorboard (needs the `tensorboard` package)."""
     wandb: bool = False
@@ -134,7 +159,7 @@ class TrainConfig:
                 _positive_int(name, getattr(self, name))
         for name in ("global_batch_pairs", "micro_batch_pairs", "log_every"):
             _positive_int(name, getattr(self, name))
-        for name in ("warmup_steps", "save_every", "keep_last", "seed"):
+        for name in ("warmup_steps", "save_every", "keep_last", "seed", "heldout_pairs", "heldout_every"):
             _non_negative_int(name, getattr(self, name))
         if self.global_batch_pairs % self.micro_batch_pairs:
             raise ValueError(f"train.global_batch_pairs ({self.global_batch_pairs}) must be a multiple of "
@@ -174,6 +199,9 @@ class TrainConfig:
         if self.reference_path is not None and self.reference in ("none", "online"):
             raise ValueError(f"train.reference_path is set but train.reference={self.reference!r} does not read "
                              "it; set reference=precomputed (or auto) or remove reference_path")
+        if self.heldout_pairs == 0 and (self.heldout_pairs_path is not None or self.heldout_every):
+            raise ValueError("train.heldout_pairs_path / train.heldout_every are set but train.heldout_pairs=0 holds "
+                             "no pair out; set train.heldout_pairs (e.g. 16) or remove them")
         if self.wandb and not wandb_installed():
             raise ValueError("train.wandb=true but the wandb package is not installed; "
                              "pip install wandb (or megatron_solopo[wandb]), or set train.wandb=false")

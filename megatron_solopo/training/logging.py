@@ -7,6 +7,9 @@ nothing is double counted across TP/CP ranks). One JSONL record per logged step:
      "rewards/accuracy": 0.5, "ra/distance": ..., "grad_norm": 1.3, "lr": 1e-6, "step_time_s": 0.52,
      "tokens_per_s": 9800.0, "tokens": 5096, "pairs": 8, "peak_mem_gib": 3.1, "time": "2026-11-23T17:00:00Z"}
 
+Training diagnostics (`diag/*` every logged step, `heldout/*` records with a "heldout/point" of before |
+after | step) are described in training/diagnostics.py and docs/training.md "Diagnostics".
+
 `metrics.jsonl` is the run's record: a resumed run first drops the records after the step it
 resumes from (they belong to steps that are recomputed), so each step appears once.
 """
@@ -34,7 +37,8 @@ TENSORBOARD_SUBDIR = "tensorboard"
 _CONSOLE_KEYS = (
     ("loss", "loss", "{:.4f}"), ("loss/po", "po", "{:.4f}"), ("loss/ra", "ra", "{:.4f}"),
     ("loss/nll", "nll", "{:.4f}"), ("rewards/accuracy", "acc", "{:.2f}"), ("rewards/margin", "margin", "{:.3f}"),
-    ("ra/distance", "dist", "{:.3f}"), ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}"),
+    ("ra/distance", "dist", "{:.3f}"), ("diag/chosen_gap_short_minus_long", "gap s-l", "{:+.3f}"),
+    ("diag/ra_grad_share", "ra share", "{:.2f}"), ("grad_norm", "gnorm", "{:.3f}"), ("lr", "lr", "{:.2e}"),
     ("tokens_per_s", "tok/s", "{:.0f}"), ("step_time_s", "s/step", "{:.2f}"), ("peak_mem_gib", "mem", "{:.1f}G"),
 )
 

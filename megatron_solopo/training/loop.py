@@ -89,6 +89,11 @@ class RunSummary:
     """The newest complete checkpoint."""
     wall_time_s: float
     metrics_path: str
+    diagnostics: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """Summary of the diagnostics (training/diagnostics.summarize_metrics): held-out means before and
+    after training, the mean RA gradient share, the diag/* values of the first and last logged step."""
+    train_pairs: int = 0
+    """Distinct pairs the run draws its batches from (the pairs file less the held-out pairs)."""
 
     @property
     def finished(self) -> bool:
@@ -120,6 +125,10 @@ class _Run:
     reference_table: Any = None
     reference_scorer: Any = None
     checkpoint: str | None = None
+    train_positions: Any = None
+    """Dataset positions that train (all but the held-out pairs); the sampler draws indices into it."""
+    heldout: Any = None
+    """The held-out pairs (diagnostics.HeldOut) or None (train.heldout_pairs = 0)."""
 
 
 # ------------------------------------------------------------------------------------------ setup
@@ -164,29 +173,63 @@ def _setup(config: ExperimentConfig, parallel: ParallelContext, resume_from: pat
     preset = loader.resolve_preset(config.model)
     tokenizer = runtime.load_run_tokenizer(config.model, preset)
     dataset = runtime.load_dataset(config.data, tokenizer)
+    heldout, train_positions = _split_heldout(config, dataset, tokenizer)
     try:
-        total_steps = train.total_steps(len(dataset))
+        total_steps = train.total_steps(len(train_positions))
     except ValueError as err:
-        raise ValueError(f"{err} (data.pairs_path={config.data.pairs_path})") from None
+        held = f", less the {train.heldout_pairs} held-out pairs" if heldout is not None else ""
+        raise ValueError(f"{err} (data.pairs_path={config.data.pairs_path}{held})") from None
+    if resume_from is not None:
+        _check_not_past_the_end(config, resume_from, total_steps)
     chunks = runtime.build_initial_model(config.model, config.parallel, preset, load_weights=resume_from is None)
     layout = resolve_layout(train.layout, runtime.attention_backend_of(chunks))
     table, scorer = _build_reference(config, dataset, preset, layout, tokenizer, parallel)
     chunks, optimizer, scheduler = _build_optimization(config, chunks, total_steps)
-    sampler = DistributedPairSampler(len(dataset), dp_rank, dp_size, seed=train.seed)
+    sampler = DistributedPairSampler(len(train_positions), dp_rank, dp_size, seed=train.seed)
     run = _Run(config, dataset, tokenizer, preset, chunks, optimizer, scheduler, sampler, layout, total_steps,
-               start_step=0, parallel=parallel, reference_table=table, reference_scorer=scorer)
+               start_step=0, parallel=parallel, reference_table=table, reference_scorer=scorer,
+               train_positions=train_positions, heldout=heldout)
     loader.seed_everything(train.seed)  # after init_seed drew the weights: train's own RNG stream
     if resume_from is not None:  # restores the RNG states too (same layout)
         state = load_checkpoint(resume_from, chunks, optimizer, scheduler)
         sampler.load_state_dict(state.sampler)
         run.start_step, run.checkpoint = state.step, str(resume_from)
+    if run.start_step < total_steps:  # room for a checkpoint, before the first step (again before each save)
+        from megatron_solopo.training.checkpointing import check_checkpoint_space
+
+        check_checkpoint_space(train.output_dir, chunks, optimizer)
     return run
+
+
+def _split_heldout(config: ExperimentConfig, dataset, tokenizer):
+    """(diagnostics.HeldOut | None, the dataset positions left for training): train.heldout_pairs."""
+    from megatron_solopo.training.diagnostics import select_heldout
+
+    def load_source(path: str):
+        return runtime.load_dataset(dataclasses.replace(config.data, pairs_path=path), tokenizer)
+
+    return select_heldout(config.train.heldout_pairs, config.train.heldout_pairs_path, dataset, load_source,
+                          training_path=config.data.resolved_pairs_path)
+
+
+def _check_not_past_the_end(config: ExperimentConfig, resume_from: pathlib.Path, total_steps: int) -> None:
+    """A run shorter than the checkpoint it continues would report "finished" without training: refused."""
+    from megatron_solopo.training.checkpointing import read_checkpoint_info
+
+    step = read_checkpoint_info(resume_from).get("step")
+    if isinstance(step, int) and step > total_steps:
+        train = config.train
+        setting = f"train.steps={train.steps}" if train.steps is not None else f"train.epochs={train.epochs}"
+        raise CheckpointError(f"{setting} gives {total_steps} steps, but {resume_from} is already at step {step}; "
+                              f"to continue that run give more than {step} steps, or use a new train.output_dir")
 
 
 # ------------------------------------------------------------------------------------------ preflight
 _MATH_SECTIONS = ("model", "objective", "data")
 """Config sections whose every key changes what is trained (except those in _NEUTRAL_KEYS)."""
-_MATH_TRAIN_KEYS = ("global_batch_pairs", "reference", "reference_path", "seed")
+_MATH_TRAIN_KEYS = ("global_batch_pairs", "reference", "reference_path", "seed", "heldout_pairs", "heldout_pairs_path")
+_NEW_TRAIN_KEYS = ("heldout_pairs", "heldout_pairs_path")
+"""Math keys that configs written before they existed lack: such a run used the key's default."""
 _NEUTRAL_KEYS = {"model.attention_backend", "model.recompute", "model.recompute_num_layers", "model.logprob_head",
                  "model.tokenizer", "data.cache_dir", "data.output_dir", "data.sampling_backend"}
 _SCHEDULE_KEYS = ("lr", "min_lr", "warmup_steps", "lr_decay", "weight_decay", "clip_grad", "adam_beta1",
@@ -206,11 +249,22 @@ def _differences(saved: dict, current: dict, keys: list[str]) -> list[tuple[str,
     return out
 
 
+def _with_new_train_defaults(saved: dict) -> dict:
+    from megatron_solopo.training.config import TrainConfig
+
+    train = dict(saved.get("train", {}))
+    defaults = TrainConfig()
+    for key in _NEW_TRAIN_KEYS:
+        train.setdefault(key, getattr(defaults, key))
+    return {**saved, "train": train}
+
+
 def compare_with_checkpoint_config(saved: dict, current: dict) -> tuple[list[str], list[tuple[str, Any, Any]]]:
     """(math keys that differ, [(schedule key, saved, current)]) between a checkpoint's config and this run's."""
     math_keys = [f"{section}.{key}" for section in _MATH_SECTIONS
                  for key in sorted(set(saved.get(section, {})) | set(current.get(section, {})))]
     math_keys = [key for key in math_keys if key not in _NEUTRAL_KEYS] + [f"train.{k}" for k in _MATH_TRAIN_KEYS]
+    saved, current = _with_new_train_defaults(saved), _with_new_train_defaults(current)
     differing = [key for key, _, _ in _differences(saved, current, math_keys)]
     schedule = _differences(saved, current, [f"train.{k}" for k in _SCHEDULE_KEYS])
     return differing, schedule
@@ -236,6 +290,8 @@ def _check_resume_config(config: ExperimentConfig, resume_from: pathlib.Path) ->
     train.resume=force; prints what changed in the schedule (allowed)."""
     from megatron_solopo.config import to_dict
 
+    if config.train.steps is not None:  # before anything is printed about the schedule (epochs: in _setup)
+        _check_not_past_the_end(config, resume_from, config.train.steps)
     saved = _read_checkpoint_config(resume_from)
     if saved is None:
         return
@@ -339,7 +395,7 @@ def _next_indices(sampler, global_batch_pairs: int) -> list[int]:
 
 
 def _step_samples(run: _Run) -> list[dict]:
-    indices = _next_indices(run.sampler, run.config.train.global_batch_pairs)
+    indices = [run.train_positions[i] for i in _next_indices(run.sampler, run.config.train.global_batch_pairs)]
     samples = [dict(run.dataset[i]) for i in indices]
     if run.reference_table is not None:
         from megatron_solopo.training.reference import attach_reference
@@ -362,11 +418,15 @@ def _microbatches(run: _Run, samples: list[dict]) -> list:
 
 # ------------------------------------------------------------------------------------------ stepping
 def _step_metrics(result, seconds: float, epoch: int) -> dict[str, Any]:
+    """The step's record; `seconds` is the whole step, of which the diagnostics' extra pass is left out of
+    step_time_s and tokens_per_s (logged apart as diag/extra_time_s), so timings stay comparable."""
+    seconds -= result.diagnostic_seconds
+    extra = {"diag/extra_time_s": result.diagnostic_seconds} if result.diagnostic_seconds else {}
     return {"loss": result.loss, **result.metrics, "grad_norm": result.grad_norm, "lr": result.lr,
             "step_time_s": seconds, "tokens_per_s": result.num_tokens / max(seconds, 1e-9),
             "tokens": result.num_tokens, "tokens/padded": result.num_padded_tokens,
             "tokens/response": result.num_response_tokens, "pairs": result.num_pairs,
-            "update_skipped": 0.0 if result.update_successful else 1.0, "epoch": epoch}
+            "update_skipped": 0.0 if result.update_successful else 1.0, "epoch": epoch, **extra}
 
 
 class _TermSignal:
@@ -515,7 +575,10 @@ def _steps(run: _Run, metrics_logger: MetricsLogger, bar, term: _TermSignal) -> 
         microbatches = _microbatches(run, samples)
         try:
             result = train_step(run.chunks, run.optimizer, run.scheduler, microbatches, run.config.objective,
-                                run.parallel, step, head=run.config.model.logprob_head)
+                                run.parallel, step, head=run.config.model.logprob_head,
+                                diagnostics=train.diagnostics,
+                                ra_grad_share=train.ra_grad_share and (step % train.log_every == 0
+                                                                       or step == run.total_steps))
         except (NonFiniteLossError, NonFiniteGradError) as err:
             metrics_logger.log(step, {"error": str(err), "sample_ids": list(err.sample_ids)}, console=False)
             raise _diverged(err, run) from err
@@ -540,12 +603,43 @@ def _steps(run: _Run, metrics_logger: MetricsLogger, bar, term: _TermSignal) -> 
         bar.set_postfix(loss=f"{result.loss:.4f}", refresh=False)
         if (train.save_every and step % train.save_every == 0) or step == run.total_steps or stop:
             run.checkpoint = _save(run, step)
+        if run.heldout is not None and train.heldout_every and step % train.heldout_every == 0 \
+                and step < run.total_steps and not stop:
+            _log_heldout(run, metrics_logger, step, "step")
         if file_stop:
             _remove_stop_file()
         if stop:
             reason = "sigterm" if signal_stop else "stop_file" if file_stop else "max_steps_per_run"
             break
     return step, reason, last
+
+
+def _log_heldout(run: _Run, metrics_logger: MetricsLogger, step: int, point: str) -> dict[str, Any]:
+    """Scores the held-out pairs with the current weights and logs them at `step` (collective). The
+    "before" scores of the initial model are cached (diagnostics.before_cache_path: next to
+    train.heldout_pairs_path, else in data.cache_dir): the arms of an experiment score them once."""
+    from megatron_solopo.training import diagnostics
+
+    model = run.config.model
+    cache = (diagnostics.before_cache_path(run.heldout, runtime.model_identity(model, run.preset),
+                                           run.config.data.cache_dir) if point == "before" else None)
+    values = [diagnostics.read_before_cache(cache) if cache is not None and dist.get_rank() == 0 else None]
+    if dist.get_world_size() > 1:
+        dist.broadcast_object_list(values, src=0)
+    values = values[0]
+    if values is None:
+        values = run.heldout.score(run.chunks, run.parallel, run.layout, run.config.train.micro_batch_pairs,
+                                   runtime.pad_token_id(run.tokenizer), run.preset.vocab_size,
+                                   pad_to_multiple_of=fp8_seq_multiple(model.fp8, model.fp8_recipe),
+                                   head=model.logprob_head)
+        if cache is not None and dist.get_rank() == 0:
+            diagnostics.write_before_cache(cache, values)
+    metrics_logger.log(step, {**values, diagnostics.HELDOUT_POINT: point}, console=False)
+    if metrics_logger.enabled:
+        metrics_logger.console(f"held-out pairs ({point}, step {step}): mean log-prob per token "
+                               + ", ".join(f"{key.split('/', 1)[1].replace('_mean_logp', '')} {value:.4f}"
+                                           for key, value in values.items() if key.endswith("_mean_logp")))
+    return values
 
 
 def _describe(run: _Run, dp_size: int) -> str:
@@ -557,7 +651,20 @@ def _describe(run: _Run, dp_size: int) -> str:
             f"{preset.name} ({preset.num_parameters() / 1e6:.1f}M params, {config.model.params_dtype}), "
             f"tp={config.parallel.tp} pp={config.parallel.pp} cp={config.parallel.cp} dp={dp_size}, "
             f"{run.total_steps} steps x {config.train.global_batch_pairs} pairs, layout {run.layout}, "
-            f"reference {reference}{resumed}")
+            f"reference {reference}{resumed}{_describe_diagnostics(run)}")
+
+
+def _describe_diagnostics(run: _Run) -> str:
+    from megatron_solopo.training.diagnostics import grad_share_unsupported
+
+    train, text = run.config.train, ""
+    if run.heldout is not None:
+        text += f"; {len(run.heldout.samples)} held-out pairs from {run.heldout.source}, not trained on"
+    if train.ra_grad_share and run.config.objective.mode == "solo":
+        why = grad_share_unsupported(run.optimizer)
+        text += (f"; warning: train.ra_grad_share is skipped: {why}" if why else
+                 "; RA gradient share measured at logged steps (one extra forward/backward each)")
+    return text
 
 
 # ------------------------------------------------------------------------------------------ entry
@@ -579,15 +686,9 @@ def train(config: ExperimentConfig) -> RunSummary:
 
 
 def _train(config: ExperimentConfig, parallel: ParallelContext) -> RunSummary:
-    from megatron_solopo.config import save_config
-
     started = time.perf_counter()
-    rank0 = dist.get_rank() == 0
-    output_dir = pathlib.Path(config.train.output_dir)
     resume_from, lock = _preflight(config, parallel)
     try:
-        if rank0:
-            save_config(config, output_dir / "config.yaml")
         return _train_locked(config, parallel, resume_from, started)
     finally:
         if lock is not None:
@@ -596,9 +697,14 @@ def _train(config: ExperimentConfig, parallel: ParallelContext) -> RunSummary:
 
 def _train_locked(config: ExperimentConfig, parallel: ParallelContext, resume_from: pathlib.Path | None,
                   started: float) -> RunSummary:
+    from megatron_solopo.config import save_config
+
     rank0 = dist.get_rank() == 0
     output_dir = pathlib.Path(config.train.output_dir)
     run = _setup(config, parallel, resume_from)
+    finished_earlier = run.start_step >= run.total_steps
+    if rank0 and not finished_earlier:  # only once every input loaded: a refused run leaves the old config
+        save_config(config, output_dir / "config.yaml")
     metrics_logger = MetricsLogger(output_dir, enabled=rank0, total_steps=run.total_steps, start_step=run.start_step,
                                    tensorboard=config.train.tensorboard, wandb=config.train.wandb,
                                    wandb_project=config.train.wandb_project, run_config=_plain(config))
@@ -607,21 +713,44 @@ def _train_locked(config: ExperimentConfig, parallel: ParallelContext, resume_fr
     if rank0:
         bar.write(_describe(run, parallel.dp_size))
     try:
-        if run.start_step >= run.total_steps:
-            final_step, reason, last = run.start_step, "already_finished", {}
+        if finished_earlier:  # nothing to do: its config.yaml and run_summary.json stay as they are
+            final_step, reason, last = run.start_step, "already_finished", _earlier_metrics(output_dir)
         else:
+            if run.heldout is not None and run.start_step == 0:
+                _log_heldout(run, metrics_logger, 0, "before")
             final_step, reason, last = _loop(run, metrics_logger, bar)
+            if run.heldout is not None and final_step >= run.total_steps:
+                _log_heldout(run, metrics_logger, final_step, "after")
     finally:
         bar.close()
         metrics_logger.close()
     summary = RunSummary(output_dir=str(output_dir), total_steps=run.total_steps, start_step=run.start_step,
                          final_step=final_step, stop_reason=reason, last_metrics=last, checkpoint=run.checkpoint,
-                         wall_time_s=time.perf_counter() - started, metrics_path=str(output_dir / METRICS_FILE))
+                         wall_time_s=time.perf_counter() - started, metrics_path=str(output_dir / METRICS_FILE),
+                         diagnostics=_diagnostics_summary(run, output_dir) if rank0 else {},
+                         train_pairs=len(run.train_positions))
     if rank0:
-        record = {**dataclasses.asdict(summary), "finished": summary.finished}
-        (output_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
+        if not finished_earlier:
+            record = {**dataclasses.asdict(summary), "finished": summary.finished}
+            (output_dir / SUMMARY_FILE).write_text(json.dumps(record, indent=2, default=str) + "\n", encoding="utf-8")
         _record_exit_status(summary)
     return summary
+
+
+def _diagnostics_summary(run: _Run, output_dir: pathlib.Path) -> dict[str, Any]:
+    """run_summary.json's `diagnostics`, from the whole metrics.jsonl (a resumed run's earlier steps too)."""
+    from megatron_solopo.training.diagnostics import read_metrics_file, summarize_metrics
+
+    return summarize_metrics(read_metrics_file(output_dir / METRICS_FILE), run.heldout)
+
+
+def _earlier_metrics(output_dir: pathlib.Path) -> dict[str, Any]:
+    """The last metrics a finished run recorded in its run_summary.json (empty when unreadable)."""
+    try:
+        metrics = json.loads((output_dir / SUMMARY_FILE).read_text(encoding="utf-8")).get("last_metrics")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return metrics if isinstance(metrics, dict) else {}
 
 
 def _record_exit_status(summary: RunSummary) -> None:

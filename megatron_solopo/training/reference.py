@@ -142,14 +142,26 @@ class ReferenceTable:
         if not path.is_file():
             raise FileNotFoundError(f"no precomputed reference log-probs at {path}: run `solopo precompute-ref "
                                     "--config <the same config>` first, or set train.reference=online")
-        payload = torch.load(path, map_location="cpu", weights_only=True)
+        damaged = (f"{path} is damaged (truncated, emptied or not written by `solopo precompute-ref`); delete it and "
+                   "recompute it with `solopo precompute-ref --config <the same config>`")
+        try:
+            payload = torch.load(path, map_location="cpu", weights_only=True)
+        except OSError:
+            raise
+        except Exception as err:  # EOFError, UnpicklingError, zip errors: whatever torch.load hits on a bad file
+            raise ReferenceMismatchError(f"{damaged} ({type(err).__name__}: {err})") from None
+        if not isinstance(payload, dict):
+            raise ReferenceMismatchError(damaged)
         if payload.get("format_version") != FORMAT_VERSION:
             raise ReferenceMismatchError(f"{path} has format {payload.get('format_version')}, expected "
                                          f"{FORMAT_VERSION}; recompute it with `solopo precompute-ref`")
-        table = cls(roles=tuple(payload["roles"]), ids=list(payload["ids"]), logps=dict(payload["logps"]),
-                    dataset_hash=payload["dataset_hash"],
-                    model_identity=json.loads(payload["model_identity_json"]))
-        if payload["count"] != table.count or payload["hash"] != table.hash:
+        try:
+            table = cls(roles=tuple(payload["roles"]), ids=list(payload["ids"]), logps=dict(payload["logps"]),
+                        dataset_hash=payload["dataset_hash"],
+                        model_identity=json.loads(payload["model_identity_json"]))
+        except (KeyError, TypeError, ValueError) as err:
+            raise ReferenceMismatchError(f"{damaged} (missing or malformed {err})") from None
+        if payload.get("count") != table.count or payload.get("hash") != table.hash:
             raise ReferenceMismatchError(f"{path} is corrupted (its count/hash do not match its content); "
                                          "recompute it with `solopo precompute-ref`")
         return table
@@ -265,12 +277,26 @@ def _progress(total: int, enabled: bool):
 
 
 # ------------------------------------------------------------------------------------ precompute
+def _existing_table(path: pathlib.Path, dataset, roles, identity) -> ReferenceTable:
+    """The table already at `path` when it is this dataset's and model's; ReferenceMismatchError otherwise."""
+    try:
+        table = ReferenceTable.from_file(path)
+        table.verify(dataset, roles, identity, where=str(path))
+    except ReferenceMismatchError as err:
+        why = str(err).split("; recompute")[0]
+        raise ReferenceMismatchError(f"{why}; nothing was written: pass --overwrite to replace it, or --output "
+                                     "another file") from None
+    return table
+
+
 def precompute_reference(config: ExperimentConfig, output: str | os.PathLike | None = None,
-                         progress: bool = True) -> dict[str, Any]:
+                         progress: bool = True, overwrite: bool = True) -> dict[str, Any]:
     """Runs the frozen initial model over every pair and writes the reference table (collective).
 
     Initializes the parallel layout of `config.parallel` (tearing it down at the end if it created
-    it). Returns {"path", "count", "roles", "seconds", "hash"}.
+    it). Returns {"path", "count", "roles", "seconds", "hash", "reused"}. With overwrite=False an existing
+    table is kept: reused when it is this dataset's and model's (nothing computed), refused
+    (ReferenceMismatchError, before the model is loaded) when it belongs to other pairs or another model.
     """
     from megatron_solopo.parallel import destroy_parallel, initialize_parallel
     from megatron_solopo.checkpoint import loader
@@ -288,6 +314,11 @@ def precompute_reference(config: ExperimentConfig, output: str | os.PathLike | N
         preset = loader.resolve_preset(config.model)
         tokenizer = runtime.load_run_tokenizer(config.model, preset)
         dataset = runtime.load_dataset(config.data, tokenizer)
+        path = pathlib.Path(output) if output else resolve_reference_path(config.train, config.data)
+        if path.exists() and not overwrite:
+            existing = _existing_table(path, dataset, roles, runtime.model_identity(config.model, preset))
+            return {"path": str(path), "count": existing.count, "roles": list(existing.roles),
+                    "seconds": time.perf_counter() - start, "hash": existing.hash, "reused": True}
         chunks = runtime.build_initial_model(config.model, config.parallel, preset)
         layout = resolve_layout(config.train.layout, runtime.attention_backend_of(chunks))
         scorer = ReferenceScorer(chunks, roles, parallel, layout, config.train.micro_batch_pairs,
@@ -300,12 +331,11 @@ def precompute_reference(config: ExperimentConfig, output: str | os.PathLike | N
         table = ReferenceTable(roles=roles, ids=list(dataset["id"]), logps=logps,
                                dataset_hash=dataset_fingerprint(dataset, roles),
                                model_identity=runtime.model_identity(config.model, preset))
-        path = pathlib.Path(output) if output else resolve_reference_path(config.train, config.data)
         if runtime.is_rank0():
             table.to_file(path)
         runtime.barrier()
         return {"path": str(path), "count": table.count, "roles": list(roles),
-                "seconds": time.perf_counter() - start, "hash": table.hash}
+                "seconds": time.perf_counter() - start, "hash": table.hash, "reused": False}
     finally:
         if created:
             destroy_parallel()

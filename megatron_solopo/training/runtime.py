@@ -24,13 +24,15 @@ from megatron_solopo.parallel.session import barrier, is_rank0
 # ------------------------------------------------------------------------------------ tokenizer
 def load_run_tokenizer(model: ModelConfig, preset: ModelPreset):
     """The tokenizer, checked against the model's vocabulary (a larger tokenizer would index past it)."""
-    from megatron_solopo.data.tokenize import load_tokenizer
+    from megatron_solopo.checkpoint.format import stored_tokenizer_dir
+    from megatron_solopo.data.tokenize import check_tokenizer_fits_model, load_tokenizer
 
     path = resolve_tokenizer_dir(model)
     tokenizer = load_tokenizer(path)
-    if len(tokenizer) > preset.vocab_size:
-        raise ValueError(f"the tokenizer at {path} has {len(tokenizer)} tokens but the model ({preset.name}) has a "
-                         f"vocabulary of {preset.vocab_size}; use the model's own tokenizer (model.tokenizer)")
+    # a tokenizer named next to a model that carries its own must be that one
+    own = (model.hf_model or (stored_tokenizer_dir(model.checkpoint) if model.checkpoint else None)
+           if model.tokenizer else None)
+    check_tokenizer_fits_model(tokenizer, path, preset.vocab_size, f"the model ({preset.name})", own)
     return tokenizer
 
 

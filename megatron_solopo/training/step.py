@@ -14,6 +14,8 @@ API (what the run loop calls)
                                         layout_for_backend(backend), micro_batch_pairs)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective_cfg, parallel, step_index)
     result.loss, result.metrics, result.grad_norm, result.lr, result.num_pairs, result.num_tokens
+    # diagnostics=True adds diag/* (mean log-probs, pushes); ra_grad_share=True (solo) the RA gradient share
+    # through one extra forward/backward (training/diagnostics.py); the update is the same either way
 
     # reference precompute / eval: score any roles, no gradients
     scoring = collate_scoring_microbatches(samples, reference_roles, parallel, layout, micro_batch_pairs)
@@ -67,6 +69,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import time
 
 import torch
 import torch.distributed as dist
@@ -76,6 +79,13 @@ from megatron_solopo.objectives import COUNT_METRICS, ObjectiveConfig, objective
 from megatron_solopo.parallel.context import ParallelContext, require_parallel_context
 from megatron_solopo.parallel.cp import cp_all_reduce_sum
 from megatron_solopo.training.batching import MicroBatch
+from megatron_solopo.training.diagnostics import (
+    capture_gradient,
+    grad_share_unsupported,
+    gradient_split,
+    po_term_loss,
+    sequence_diagnostics,
+)
 from megatron_solopo.training.optim import current_lr
 
 __all__ = [
@@ -138,6 +148,8 @@ class StepResult:
     """False when Megatron's optimizer skipped the update (fp16 overflow)."""
     num_zeros_in_grad: int | None = None
     """Zero gradient entries (only when the optimizer config logs them)."""
+    diagnostic_seconds: float = 0.0
+    """Seconds this call spent on the RA gradient share (its extra pass), not on the step itself."""
 
 
 # ---------------------------------------------------------------------------------- forward step
@@ -154,6 +166,10 @@ class _StepState:
     """Per micro-batch (last stage): a device bool, True when its log-prob sums or loss are NaN/Inf."""
     loss_flag_samples: list[list[str]] = dataclasses.field(default_factory=list)
     """The sample ids of each flagged micro-batch, in the same order."""
+    diagnostics: bool = False
+    """Add the diag/* sums of `diagnostics.sequence_diagnostics` to each micro-batch's report."""
+    po_only: bool = False
+    """The RA gradient share's extra pass: the loss is solo mode's loss without its RA term."""
 
 
 def _device() -> torch.device:
@@ -189,9 +205,15 @@ def _loss_func(state: _StepState, microbatch: MicroBatch, sequence_logps_local: 
         by_pair = sequence_logps.detach().float().view(microbatch.num_pairs, len(microbatch.roles))
         return {"sample_ids": microbatch.sample_ids, "roles": microbatch.roles, "logps": by_pair.cpu()}
     count = torch.tensor(microbatch.num_pairs if state.cp_rank == 0 else 0, dtype=torch.int, device=state.device)
+    stats = microbatch.batch_stats(sequence_logps)
+    if state.po_only:
+        loss = po_term_loss(state.objective, stats)
+        return loss, count, {"loss": loss.detach(), "pairs": microbatch.num_pairs}
     # objective_loss neither syncs nor raises on NaN/Inf (a raise on one rank would hang the others):
     # non-finite sums give a non-finite loss, flagged on the device and checked once per step
-    loss, metrics = objective_loss(state.objective, microbatch.batch_stats(sequence_logps), reduction="sum")
+    loss, metrics = objective_loss(state.objective, stats, reduction="sum")
+    if state.diagnostics:
+        metrics = {**metrics, **sequence_diagnostics(state.objective, stats)}
     state.loss_flags.append(~torch.isfinite(loss.detach()) | ~torch.isfinite(sequence_logps.detach()).all())
     state.loss_flag_samples.append(microbatch.sample_ids)
     report = {"loss": loss.detach(), **metrics, "pairs": microbatch.num_pairs,
@@ -201,16 +223,19 @@ def _loss_func(state: _StepState, microbatch: MicroBatch, sequence_logps_local: 
 
 
 def make_forward_step(objective: ObjectiveConfig | None, parallel: ParallelContext,
-                      head: LogprobHeadConfig | None = None):
+                      head: LogprobHeadConfig | None = None, *, diagnostics: bool = False, po_only: bool = False):
     """A Megatron `forward_step_func(data_iterator, model)` for micro-batches of `MicroBatch`.
 
     Returns (forward_step_func, state); the state collects non-finite flags during the schedule.
     objective=None: log-prob sums only (use with collect_non_loss_data=True, as forward_only does).
     parallel: this rank's ParallelContext (its CP group and rank reduce the log-prob sums).
+    diagnostics: add the diag/* sums (training/diagnostics.py) to every report. po_only (solo mode):
+    the loss is the objective without its SoLo-RA term (the RA gradient share's extra pass).
     """
     parallel = require_parallel_context(parallel, "make_forward_step")
     state = _StepState(objective=objective, processor=make_output_processor(head),
-                       cp_group=parallel.cp_group, cp_rank=parallel.cp_rank, device=_device())
+                       cp_group=parallel.cp_group, cp_rank=parallel.cp_rank, device=_device(),
+                       diagnostics=diagnostics, po_only=po_only)
     return functools.partial(_forward_step, state), state
 
 
@@ -321,7 +346,8 @@ def _normalize(totals: dict[str, float]) -> tuple[float, dict[str, float], dict[
 # ------------------------------------------------------------------------------------- public API
 def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[MicroBatch],
                objective: ObjectiveConfig, parallel: ParallelContext, step_index: int,
-               head: LogprobHeadConfig | None = None) -> StepResult:
+               head: LogprobHeadConfig | None = None, *, diagnostics: bool = False,
+               ra_grad_share: bool = False) -> StepResult:
     """One optimizer step over this rank's micro-batches through Megatron's pipeline schedule.
 
     model_chunks: from optim.wrap_ddp (DDP-wrapped GPTModel chunks); optimizer/scheduler from
@@ -330,6 +356,12 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
     of the replica; parallel: the ParallelContext from initialize_parallel. The loss is the mean over the
     global batch's pairs (module docstring). Collective: every rank of the job calls it with the same
     number of micro-batches per pipeline.
+
+    diagnostics: also report the diag/* values of training/diagnostics.py (free: from the step's sums).
+    ra_grad_share (solo mode): first run the step's micro-batches once more with the loss minus its RA
+    term, keep that gradient g_PO on the host, then take the real step and report ||g_RA|| = ||g - g_PO||
+    and the ratios (diagnostics.gradient_split). The real step starts from the same RNG states and
+    parameters, so its gradient and update are those of a step without the measurement.
     """
     parallel = _check_setup(model_chunks, microbatches, parallel, "train_step")
     config = _unwrap(model_chunks[0]).config
@@ -337,26 +369,59 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
         raise ValueError("the model chunks are not set up for training: wrap them with optim.wrap_ddp and build "
                          "the optimizer with optim.build_optimizer (they set calculate_per_token_loss and "
                          "finalize_model_grads_func, which the loss contract needs)")
-    for chunk in model_chunks:
-        chunk.train()
-        chunk.zero_grad_buffer()
-    optimizer.zero_grad()
-    forward_step_func, state = make_forward_step(objective, parallel, head)
+    diagnostic_seconds, po_grads = 0.0, None
+    if ra_grad_share and objective.mode == "solo" and grad_share_unsupported(optimizer) is None:
+        started = time.perf_counter()
+        po_grads = _po_gradient(model_chunks, optimizer, microbatches, objective, parallel, head)
+        diagnostic_seconds += time.perf_counter() - started
+    _zero_grads(model_chunks, optimizer)
+    forward_step_func, state = make_forward_step(objective, parallel, head, diagnostics=diagnostics)
     reports = _schedule(model_chunks, microbatches, forward_step_func, forward_only_=False,
                         collect_non_loss_data=False)
     _raise_if_nonfinite(state, model_chunks, microbatches, step_index)
+    share = {}
+    if po_grads is not None:
+        started = time.perf_counter()
+        share = gradient_split(optimizer, po_grads)
+        del po_grads
+        diagnostic_seconds += time.perf_counter() - started
     lr = current_lr(optimizer)
     update_successful, grad_norm, num_zeros = optimizer.step()
     if update_successful and scheduler is not None:
         scheduler.step(1)
     totals = _broadcast_from_last_stage(_reduce_reports(reports, state.device, parallel), parallel)
     loss, metrics, counts = _normalize(totals)
-    return StepResult(step=step_index, loss=loss, metrics=metrics,
+    return StepResult(step=step_index, loss=loss, metrics={**metrics, **share},
                       grad_norm=None if grad_norm is None else float(grad_norm), lr=lr,
                       num_pairs=counts["pairs"], num_tokens=counts["tokens/real"],
                       num_padded_tokens=counts["tokens/padded"], num_response_tokens=counts["tokens/response"],
                       update_successful=bool(update_successful),
-                      num_zeros_in_grad=None if num_zeros is None else int(num_zeros))
+                      num_zeros_in_grad=None if num_zeros is None else int(num_zeros),
+                      diagnostic_seconds=diagnostic_seconds)
+
+
+def _zero_grads(model_chunks: list, optimizer) -> None:
+    for chunk in model_chunks:
+        chunk.train()
+        chunk.zero_grad_buffer()
+    optimizer.zero_grad()
+
+
+def _po_gradient(model_chunks: list, optimizer, microbatches: list[MicroBatch], objective: ObjectiveConfig,
+                 parallel: ParallelContext, head: LogprobHeadConfig | None) -> list[list[torch.Tensor]]:
+    """g_PO: the gradient of solo mode's loss without its RA term, through the same schedule, DDP reduction
+    and 1 / pair count as the step (host copy). The RNG states are put back afterwards, so the real pass
+    draws what it would have drawn without this one (dropout masks)."""
+    from megatron_solopo.training.checkpointing import capture_rng_state, restore_rng_state
+
+    rng = capture_rng_state()
+    try:
+        _zero_grads(model_chunks, optimizer)
+        forward_step_func, _ = make_forward_step(objective, parallel, head, po_only=True)
+        _schedule(model_chunks, microbatches, forward_step_func, forward_only_=False, collect_non_loss_data=False)
+        return capture_gradient(optimizer)
+    finally:
+        restore_rng_state(rng)
 
 
 def forward_only(model_chunks: list, microbatches: list[MicroBatch], parallel: ParallelContext,

@@ -374,3 +374,32 @@ def test_closing_a_runner_releases_megatrons_global_memory_buffer(monkeypatch):
     buffer.buffer["x"] = torch.zeros(8)
     runner.close()
     assert not buffer.buffer and runner.state is None
+
+
+def test_a_swallowed_sigterm_still_stops_the_sweep_at_the_next_case(tmp_path):
+    """Library code with a bare `except:` can swallow the SystemExit the SIGTERM handler raises; the sweep
+    must still stop before its next case (seen once under load: a bench ran to completion after SIGTERM)."""
+    from megatron_solopo.bench.sweep import BenchRun
+
+    bench = BenchRun(_cfg(), tmp_path, "t", [])
+    calls = []
+
+    class Runner:
+        name, variant_name = "ours", "fake"
+
+    import megatron_solopo.bench.sweep as sweep
+
+    def fake_case(*args, **kwargs):
+        calls.append(args[3])
+        bench.stop_signal = 15  # the handler ran during this case and its SystemExit was swallowed
+        raise AssertionError("not reached")
+
+    original, sweep.run_case = sweep.run_case, fake_case
+    try:
+        with pytest.raises(AssertionError):
+            bench._sweep(Runner(), "orpo", "solo")
+        with pytest.raises(SystemExit) as stop:
+            bench._sweep(Runner(), "orpo", "solo")
+    finally:
+        sweep.run_case = original
+    assert stop.value.code == 143 and calls == [128]  # no second case was started

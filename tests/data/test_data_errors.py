@@ -8,7 +8,7 @@ from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.records import atomic_write, read_pair_records, write_jsonl
 from megatron_solopo.data.sources import read_distractor_pool, read_generic, read_musique
 
-GOOD_PAIR = {"id": "a", "question": "Q?", "answers": ["x"], "short_context": "short", "long_context": "long",
+GOOD_PAIR = {"id": "a", "question": "Q?", "answers": ["x"], "short_context": "short", "long_context": "a long one",
              "chosen": "Answer: x", "rejected": "Answer: y", "meta": {}}
 
 

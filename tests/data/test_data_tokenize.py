@@ -73,7 +73,7 @@ def test_too_long_error_or_skip(tiny_tokenizer, tmp_path):
     with pytest.raises(ValueError, match=r"pair 'p0': long_chosen has \d+ tokens .* > max length"):
         load_tokenized_pairs(RECORDS, tiny_tokenizer, config)
     assert not any((tmp_path / "cache").glob("tokenized-*"))  # nothing half-built left behind
-    records = [dict(RECORDS[0], long_context="short")] + RECORDS[1:]  # only p0 fits
+    records = [dict(RECORDS[0], long_context=RECORDS[0]["short_context"])] + RECORDS[1:]  # only p0 fits
     dataset = load_tokenized_pairs(records, tiny_tokenizer, _config(tmp_path, max_seq_len_tokens=long_len - 1,
                                                                       on_too_long="skip"))
     assert dataset["id"] == ["p0"]

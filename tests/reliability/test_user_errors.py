@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import pathlib
+import re
 import shutil
 
 import pytest
@@ -33,7 +34,8 @@ def _one_line_error(capsys, command: str) -> str:
     err = capsys.readouterr().err
     # progress bars (tqdm: "...| 1/1 [00:00<00:00, 9.1it/s]") are not messages
     lines = [line for line in err.replace("\r", "\n").splitlines() if line.strip() and "/s]" not in line
-             and "?it/s" not in line and not line.rstrip().endswith("s/step]")]
+             and "?it/s" not in line and not line.rstrip().endswith("s/step]")
+             and not re.match(r"^[\w -]+: +\d+%\|", line)]  # a bar with a postfix: "train:  50%|...| loss=5.6]"
     assert "Traceback" not in err, err[-3000:]
     assert len(lines) == 1 and lines[0].startswith(f"solopo {command}: error: "), err[-3000:]
     return lines[0]

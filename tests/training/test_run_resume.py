@@ -22,11 +22,17 @@ REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
 STEPS = 4
 # metrics that depend on wall time or memory, not on the computation
-_TIMING_KEYS = {"time", "step_time_s", "tokens_per_s", "peak_mem_gib"}
+_TIMING_KEYS = {"time", "step_time_s", "tokens_per_s", "peak_mem_gib", "diag/extra_time_s"}
+# training diagnostics (train.diagnostics and train.ra_grad_share, on by default; tests/training/test_diagnostics.py)
+DIAG_KEYS = {"diag/short_chosen_mean_logp", "diag/short_rejected_mean_logp", "diag/long_chosen_mean_logp",
+             "diag/chosen_gap_short_minus_long", "diag/push_po/short_chosen", "diag/push_po/short_rejected",
+             "diag/push_ra/short_chosen", "diag/push_ra/long_chosen", "diag/grad_norm_total", "diag/grad_norm_po",
+             "diag/grad_norm_ra", "diag/ra_grad_share", "diag/ra_po_grad_ratio", "diag/grad_cos_ra_po",
+             "diag/extra_time_s"}
 EXPECTED_KEYS = {"step", "loss", "loss/po", "loss/ra", "loss/orpo_nll", "loss/orpo_or", "rewards/chosen",
                  "rewards/rejected", "rewards/margin", "rewards/accuracy", "rewards/long_chosen", "ra/distance",
                  "grad_norm", "lr", "step_time_s", "tokens_per_s", "tokens", "tokens/padded", "tokens/response",
-                 "pairs", "epoch", "peak_mem_gib", "time", "orpo/clamped", "update_skipped"}
+                 "pairs", "epoch", "peak_mem_gib", "time", "orpo/clamped", "update_skipped"} | DIAG_KEYS
 
 
 def _command(out_dir: pathlib.Path, cache_dir: pathlib.Path, *overrides: str) -> list[str]:
