@@ -4,18 +4,23 @@ Prompts are prefilled one by one without padding or mask (SDPA's causal kernel, 
 last position only), their caches stacked left-padded into one batch cache whose layers have spare
 room, so that a decoding step writes its key/value in place instead of copying the whole cache with
 torch.cat (transformers' DynamicLayer), and finished rows can leave the batch. Used by
-`data.sampling.HFBackend` (N responses per prompt) and `eval.generation.HFGenerator` (greedy).
+`data.sampling.HFBackend` (N responses per prompt) and `eval.generation.HFGenerator` (greedy). With N
+responses per prompt, `SharedPrompts` keeps each prompt's keys/values once for all of them.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import contextlib
+import contextvars
+import dataclasses
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
 
 __all__ = ["cache_kwarg", "full_attention_only", "prefill_each", "stack_left_padded", "reserved_cache",
-           "select_rows", "last_logits"]
+           "select_rows", "last_logits", "SharedPrompts", "shared_prompt_attention", "shared_prompt_decoding",
+           "row_mask", "SHARED_PROMPT_ATTENTION"]
 
 
 def cache_kwarg(model: Any) -> str | None:
@@ -183,3 +188,126 @@ def prefill_each(model: Any, prompts: Sequence[Sequence[int]], reserve: int,
     for row, length in enumerate(lengths):
         mask[row, width - length:] = 1
     return torch.cat(logits), stacked, mask
+
+
+# ------------------------------------------------------------------ one prompt cache for n responses
+# Sampling n responses per prompt used to repeat each prompt's KV cache n times: every decoding step then
+# reads n copies of the same prompt keys/values (at 1K-token prompts x 8 responses, more bytes than the
+# model's weights). With `shared_prompt_decoding` the prompt part is stored once per prompt and each
+# decoding row keeps only its own generated keys/values; one attention function combines the two.
+
+SHARED_PROMPT_ATTENTION = "solopo_shared_prompt"
+"""The transformers attention implementation name the shared-prompt decoding runs under."""
+
+_ACTIVE_PROMPTS: contextvars.ContextVar[SharedPrompts | None] = contextvars.ContextVar("shared_prompts", default=None)
+
+
+@dataclasses.dataclass
+class SharedPrompts:
+    """The prompts' keys/values once per prompt, and which prompt each decoding row continues.
+
+    keys/values: per layer [P, kv_heads, width, dim], prompts right-aligned (`stack_left_padded`);
+    bias: [P, 1, 1, width], 0 on prompt positions and the dtype's minimum on the left padding;
+    owner: [B] the prompt of each decoding row, prompt-major (rows keep their order when some leave).
+    """
+
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
+    bias: torch.Tensor
+    owner: torch.Tensor
+
+    @classmethod
+    def from_cache(cls, cache: Any, mask: torch.Tensor, responses_per_prompt: int) -> SharedPrompts:
+        """Takes the prompts' layers out of a stacked cache (`prefill_each`); rows are prompt-major."""
+        layers = [_layer_kv(cache, layer) for layer in range(_num_layers(cache))]
+        keys, values = [k for k, _ in layers], [v for _, v in layers]
+        bias = torch.zeros(mask.shape, dtype=keys[0].dtype, device=mask.device)
+        bias = bias.masked_fill(mask == 0, torch.finfo(keys[0].dtype).min)[:, None, None, :]
+        owner = torch.arange(mask.shape[0], device=mask.device).repeat_interleave(responses_per_prompt)
+        return cls(keys, values, bias, owner)
+
+    def keep_rows(self, keep: list[int]) -> None:
+        """Rows `keep` (indices into the current rows) stay; the prompt part itself never changes."""
+        self.owner = self.owner[torch.tensor(keep, dtype=torch.long, device=self.owner.device)]
+
+    def row_slots(self) -> tuple[torch.Tensor, int]:
+        """(slot [B] of each row in a [P, most rows of one prompt] grid, that most): rows grouped by prompt,
+        so that the prompt part is one matmul per prompt instead of one per row."""
+        counts = torch.bincount(self.owner, minlength=self.keys[0].shape[0])
+        most = int(counts.max())
+        first_row = torch.cumsum(counts, 0) - counts  # rows are prompt-major
+        rank_in_prompt = torch.arange(len(self.owner), device=self.owner.device) - first_row[self.owner]
+        return self.owner * most + rank_in_prompt, most
+
+
+def _rows_to_groups(rows: torch.Tensor, slots: torch.Tensor, prompts: int, most: int) -> torch.Tensor:
+    """[B, kv_heads, g, k] -> [P, kv_heads, most * g, k]; the grid's empty slots hold zeros."""
+    grid = rows.new_zeros((prompts * most, *rows.shape[1:]))
+    grid[slots] = rows
+    _, heads, g, k = rows.shape
+    return grid.view(prompts, most, heads, g, k).transpose(1, 2).reshape(prompts, heads, most * g, k)
+
+
+def _groups_to_rows(groups: torch.Tensor, slots: torch.Tensor, most: int) -> torch.Tensor:
+    """The inverse of `_rows_to_groups` for the rows present: [P, kv_heads, most * g, k] -> [B, kv_heads, g, k]."""
+    prompts, heads, _, k = groups.shape
+    grid = groups.view(prompts, heads, most, -1, k).transpose(1, 2).reshape(prompts * most, heads, -1, k)
+    return grid[slots]
+
+
+def shared_prompt_attention(module: Any, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                            attention_mask: Any, scaling: float | None = None, **kwargs: Any) -> tuple[torch.Tensor, None]:
+    """Attention of one new token per row over its prompt (shared, `SharedPrompts`) and its own generated
+    tokens (`key`/`value`: [B, kv_heads, t, dim], this row's cache). Returns ([B, 1, heads, dim], None) as
+    transformers' attention functions do. Outside `shared_prompt_decoding` it is transformers' SDPA."""
+    prompts = _ACTIVE_PROMPTS.get()
+    if prompts is None:
+        from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+        return sdpa_attention_forward(module, query, key, value, attention_mask, scaling=scaling, **kwargs)
+    rows, heads, _, dim = query.shape  # one query position per row
+    kv_heads = key.shape[1]
+    scale = dim ** -0.5 if scaling is None else scaling
+    q = query.reshape(rows, kv_heads, heads // kv_heads, dim).float()  # head h reads kv head h // g
+    prompt_keys = prompts.keys[module.layer_idx].float()
+    slots, most = prompts.row_slots()
+    num_prompts = prompt_keys.shape[0]
+    prompt_scores = _rows_to_groups(q, slots, num_prompts, most) @ prompt_keys.transpose(-1, -2) * scale
+    prompt_scores = prompt_scores + prompts.bias.float()  # [P, kv_heads, most * g, width]
+    own_scores = (q @ key.float().transpose(-1, -2)) * scale  # [B, kv_heads, g, t]
+    scores = torch.cat([_groups_to_rows(prompt_scores, slots, most), own_scores], dim=-1)
+    probs = torch.softmax(scores, dim=-1)
+    width = prompt_keys.shape[2]
+    from_prompt = _rows_to_groups(probs[..., :width], slots, num_prompts, most) @ prompts.values[module.layer_idx].float()
+    out = _groups_to_rows(from_prompt, slots, most) + probs[..., width:] @ value.float()  # [B, kv_heads, g, dim]
+    return out.reshape(rows, 1, heads, dim).to(query.dtype), None
+
+
+def register_shared_prompt_attention() -> None:
+    """Registers `shared_prompt_attention` (and SDPA's mask for prefill) with transformers, once."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(SHARED_PROMPT_ATTENTION, shared_prompt_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(SHARED_PROMPT_ATTENTION, sdpa_mask)
+
+
+@contextlib.contextmanager
+def shared_prompt_decoding(model: Any, prompts: SharedPrompts) -> Iterator[None]:
+    """Within the block the model attends through `prompts` (its forward calls must pass a 4D mask, e.g.
+    `row_mask`, which the shared attention ignores); the model's attention implementation is restored after."""
+    register_shared_prompt_attention()
+    before = model.config._attn_implementation
+    token = _ACTIVE_PROMPTS.set(prompts)
+    model.config._attn_implementation = SHARED_PROMPT_ATTENTION
+    try:
+        yield
+    finally:
+        model.config._attn_implementation = before
+        _ACTIVE_PROMPTS.reset(token)
+
+
+def row_mask(rows: int, device: torch.device) -> torch.Tensor:
+    """A placeholder 4D mask [rows, 1, 1, 1]: transformers passes a 4D mask through unchanged instead of
+    building one from the cache length (the shared attention knows its own masking)."""
+    return torch.ones(rows, 1, 1, 1, dtype=torch.bool, device=device)

@@ -8,6 +8,7 @@ most the batch in flight. When every question is done the file is rewritten as `
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -119,11 +120,18 @@ def _torch_dtype(name: str, device: str) -> Any:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+SHARED_PROMPT_MIN_TOKENS = 512
+"""Shorter prompts keep one cache copy per response: the shared-prompt attention's extra softmax join costs
+more than the copies save there. Measured on the 2-core CPU, 8 responses, 48 new tokens (default model,
+benchmarks/sampling_prompt_cache_bench.py): ~1050-token prompts 1.15x faster shared, ~190-token prompts
+0.93x."""
+
+
 class HFBackend:
     """Batched sampling with a Hugging Face causal LM, on CPU or GPU.
 
-    Each prompt is prefilled once, alone and unpadded (data.hf_cache), and its KV cache repeated for
-    its responses, instead of `generate(num_return_sequences=n)`, which prefills every copy: with
+    Each prompt is prefilled once, alone and unpadded (data.hf_cache), and its KV cache serves all its
+    responses (one shared copy for prompts of >= SHARED_PROMPT_MIN_TOKENS, else one copy each), instead of `generate(num_return_sequences=n)`, which prefills every copy: with
     n = 32 responses on ~1K-token prompts the prefill is most of the work. Decoding appends to the
     cache in place (transformers' DynamicLayer copies the whole cache every step: ~55% of a CPU
     step at 2K tokens x 8 responses). Models with sliding-window or hybrid layers take a left-padded
@@ -132,7 +140,7 @@ class HFBackend:
     """
 
     def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
-                 tokenizer: Any = None) -> None:
+                 tokenizer: Any = None, share_prompt_cache: bool = True) -> None:
         import inspect
 
         import transformers
@@ -159,6 +167,9 @@ class HFBackend:
         kwarg = cache_kwarg(self.model)
         self._cache_kwarg = kwarg if kwarg is not None and full_attention_only(self.model.config) else None
         """Forward argument for the cache when the in-place decoding path applies (else None: padded path)."""
+        self.share_prompt_cache = share_prompt_cache
+        """In-place path, several responses: one copy of a prompt's keys/values for all its responses (False:
+        one copy per response, the earlier scheme; same tokens up to floating-point summation order)."""
 
     def requests_per_call(self, settings: SamplingSettings) -> int:
         return max(1, self.batch_size // settings.num_responses)
@@ -186,43 +197,64 @@ class HFBackend:
 
     def _decode_in_place(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,
                          max_new_tokens: int, generator: Any, greedy: bool) -> list[list[int]]:
-        """Prompts prefilled one by one (data.hf_cache), the cache rows repeated for the responses, then
-        decoded with in-place cache appends; finished rows leave the batch once they are a quarter of it
-        (dropping rows copies the cache, about the cost of one step). Rows are prompt-major."""
+        """Prompts prefilled one by one (data.hf_cache), then decoded with in-place cache appends; finished
+        rows leave the batch once they are a quarter of it (dropping rows copies the cache, about the cost
+        of one step). Rows are prompt-major. With `share_prompt_cache` and several responses per prompt,
+        each prompt's keys/values are kept once for all its responses (`hf_cache.SharedPrompts`: a decoding
+        step reads them once per prompt, not once per response); otherwise the prompt rows are repeated."""
         import torch
 
-        from megatron_solopo.data.hf_cache import last_logits, prefill_each, select_rows
+        from megatron_solopo.data.hf_cache import (SharedPrompts, last_logits, prefill_each, reserved_cache, row_mask,
+                                                   select_rows, shared_prompt_decoding)
 
         eos = self.tokenizer.eos_token_id
-        logits, cache, mask = prefill_each(self.model, prompts, max_new_tokens, self._cache_kwarg)
+        share = self.share_prompt_cache and num_responses > 1 and max(map(len, prompts)) >= SHARED_PROMPT_MIN_TOKENS
+        logits, cache, mask = prefill_each(self.model, prompts, 0 if share else max_new_tokens, self._cache_kwarg)
         repeat = torch.arange(len(prompts), device=self.device).repeat_interleave(num_responses)
-        cache.batch_select_indices(repeat)  # [P, ...] -> [P * n, ...]
-        mask, logits = mask[repeat], logits[repeat]
+        logits = logits[repeat]
+        if share:
+            shared = SharedPrompts.from_cache(cache, mask, num_responses)
+            cache = reserved_cache(len(shared.keys), max_new_tokens)  # each row's own generated tokens only
+        else:
+            shared = None
+            cache.batch_select_indices(repeat)  # [P, ...] -> [P * n, ...]
+            mask = mask[repeat]
         positions = torch.tensor([len(p) for p in prompts], device=self.device)[repeat]  # of the next fed token
         generated: list[list[int]] = [[] for _ in range(len(repeat))]
         present = list(range(len(repeat)))  # output row of each cache row
         done = [False] * len(repeat)
-        for step in range(max_new_tokens):
-            tokens = self._next_tokens(logits, temperature, top_p, generator, greedy).tolist()
-            for row, token in zip(present, tokens):
-                if not done[row]:
-                    done[row] = token == eos
+        decoding = shared_prompt_decoding(self.model, shared) if share else contextlib.nullcontext()
+        with decoding:
+            for step in range(max_new_tokens):
+                tokens = self._next_tokens(logits, temperature, top_p, generator, greedy).tolist()
+                for row, token in zip(present, tokens):
                     if not done[row]:
-                        generated[row].append(token)
-            if step == max_new_tokens - 1 or all(done[row] for row in present):
-                break
-            finished = [i for i, row in enumerate(present) if done[row]]
-            if len(finished) * 4 >= len(present):
-                keep = [i for i, row in enumerate(present) if not done[row]]
-                mask = select_rows(cache, mask, keep, len(present))
-                positions = positions[torch.tensor(keep, device=self.device)]
-                tokens = [tokens[i] for i in keep]
-                present = [present[i] for i in keep]
-            fed = torch.tensor(tokens, device=self.device)[:, None]
-            fed = torch.where(torch.tensor([done[r] for r in present], device=self.device)[:, None], self.pad_id, fed)
-            mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
-            logits = last_logits(self.model, fed, cache, self._cache_kwarg, attention_mask=mask,
-                                 position_ids=(positions + step)[:, None])
+                        done[row] = token == eos
+                        if not done[row]:
+                            generated[row].append(token)
+                if step == max_new_tokens - 1 or all(done[row] for row in present):
+                    break
+                finished = [i for i, row in enumerate(present) if done[row]]
+                if len(finished) * 4 >= len(present):
+                    keep = [i for i, row in enumerate(present) if not done[row]]
+                    if share:
+                        if cache.get_seq_length() > 0:  # nothing generated is cached before the first step
+                            cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.device))
+                        shared.keep_rows(keep)
+                    else:
+                        mask = select_rows(cache, mask, keep, len(present))
+                    positions = positions[torch.tensor(keep, device=self.device)]
+                    tokens = [tokens[i] for i in keep]
+                    present = [present[i] for i in keep]
+                fed = torch.tensor(tokens, device=self.device)[:, None]
+                fed = torch.where(torch.tensor([done[r] for r in present], device=self.device)[:, None], self.pad_id,
+                                  fed)
+                if share:
+                    step_mask = row_mask(len(present), self.device)
+                else:
+                    mask = step_mask = torch.cat([mask, mask.new_ones(len(present), 1)], dim=1)
+                logits = last_logits(self.model, fed, cache, self._cache_kwarg, attention_mask=step_mask,
+                                     position_ids=(positions + step)[:, None])
         return generated
 
     def _decode_padded(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from megatron_solopo.data import sampling
 from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.pipeline import build_data
 from megatron_solopo.data.records import read_pair_records
@@ -55,9 +56,10 @@ def test_shared_prefix_sampling_matches_generate(hf_backend):
 
 
 def test_in_place_decoding_matches_the_padded_path_when_rows_stop_early(varied_model_dir, monkeypatch):
-    """The in-place path (unpadded prefill, cache rows repeated, finished rows dropped) gives the
-    padded path's tokens, row for row, also when some responses stop early; and sampling restricted to
-    the top token is greedy decoding through the same bookkeeping (a model whose greedy tokens vary)."""
+    """The in-place path (unpadded prefill, finished rows dropped), with each prompt's cache shared by its
+    responses or repeated per response, gives the padded path's tokens, row for row, also when some
+    responses stop early; sampling restricted to the top token is greedy decoding through the same
+    bookkeeping (a model whose greedy tokens vary); seeded sampling draws the same tokens either way."""
     import types
 
     import torch
@@ -74,11 +76,18 @@ def test_in_place_decoding_matches_the_padded_path_when_rows_stop_early(varied_m
                and any(t not in row for rows in free[1:] for row in rows))
     monkeypatch.setattr(hf_backend, "tokenizer", types.SimpleNamespace(eos_token_id=eos))
     expected = [[row[: row.index(eos)] if eos in row else row for row in rows] for rows in free]
+    assert hf_backend.share_prompt_cache  # the default: one copy of each prompt's cache for its 3 responses
+    monkeypatch.setattr(sampling, "SHARED_PROMPT_MIN_TOKENS", 1)  # these prompts are short
     in_place = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, None, greedy=True)
     nucleus_of_one = hf_backend.sample_token_ids(prompts, 3, 1.0, 1e-6, 10, torch.Generator().manual_seed(0))
+    sampled_shared = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, torch.Generator().manual_seed(1))
+    monkeypatch.setattr(hf_backend, "share_prompt_cache", False)  # the prompt rows repeated per response
+    repeated = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, None, greedy=True)
+    sampled_repeated = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, torch.Generator().manual_seed(1))
     monkeypatch.setattr(hf_backend, "_cache_kwarg", None)
     padded = hf_backend.sample_token_ids(prompts, 3, 1.0, 1.0, 10, None, greedy=True)
-    assert in_place == padded == nucleus_of_one == expected
+    assert in_place == repeated == padded == nucleus_of_one == expected
+    assert sampled_shared == sampled_repeated and sampled_shared != in_place  # same draws, not greedy
     assert 1 <= len(expected[0][0]) < 10 and any(len(r) == 10 for rows in expected for r in rows)
 
 
