@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: install test test-gpu demo env clean
+.PHONY: install test test-gpu test-real-model demo env clean
 
 $(VENV)/.installed: setup.py
 	@py312=$$(bash tools/find_python312.sh) || exit 1; \
@@ -22,6 +22,9 @@ test: install
 
 test-gpu: install
 	$(PY) -m pytest -m gpu --run-gpu $(PYTEST_ARGS)
+
+test-real-model: install
+	$(PY) -m pytest -m real_model --real-model $(PYTEST_ARGS)
 
 demo: install
 	$(VENV)/bin/solopo demo $(DEMO_ARGS)

@@ -47,7 +47,7 @@ def matmul_gflops(repeats: int = 3) -> float:
 
 
 def build_prompts(hf_dir: str, lengths: list[int], depths: list[float], num_samples: int) -> tuple[list, object]:
-    from megatron_solopo.data.tokenize import load_tokenizer, prompt_token_ids
+    from megatron_solopo.data.tokenization import load_tokenizer, prompt_token_ids
     from megatron_solopo.eval.config import EvalConfig
     from megatron_solopo.eval.suites import build_suites
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU session: ONE device call, steps in priority order, each under its own time cap, ending within 540 s
-# (the plan and its caps: megatron_solopo/bench/session.py; docs/benchmarks.md explains it).
+# (the plan and its caps: megatron_solopo/bench/gpu_session.py; docs/benchmarks.md explains it).
 #
 #   bash benchmarks/gpu_session.sh --dry-run [--checkout DIR]
 #                                 here, on CPU: the plan, caps <= 525 s, $OUT's files (<= 8), the staged
@@ -25,15 +25,15 @@ mode=${1:-run}
 case "$mode" in
   --dry-run|dry-run)
     shift
-    exec python3 -m megatron_solopo.bench.session --dry-run --plan base "$@"
+    exec python3 -m megatron_solopo.bench.gpu_session --dry-run --plan base "$@"
     ;;
   --simulate|simulate)
     out=${2:?usage: gpu_session.sh --simulate OUT_DIR}
-    exec python3 -m megatron_solopo.bench.session --run --simulate --out "$out" --work "$out-work"
+    exec python3 -m megatron_solopo.bench.gpu_session --run --simulate --out "$out" --work "$out-work"
     ;;
   --report|report)
     shift
-    exec python3 -m megatron_solopo.bench.session --report "$@"
+    exec python3 -m megatron_solopo.bench.gpu_session --report "$@"
     ;;
   run|te)
     : "${OUT:?run this through the device tool: it sets OUT, the folder whose files come back}"
@@ -45,7 +45,7 @@ case "$mode" in
     export PYTHONUNBUFFERED=1
     plan=base
     [ "$mode" = te ] && plan=te
-    exec python3 -m megatron_solopo.bench.session --run --plan "$plan" --out "$OUT" --work /tmp/solopo-session
+    exec python3 -m megatron_solopo.bench.gpu_session --run --plan "$plan" --out "$OUT" --work /tmp/solopo-session
     ;;
   *)
     echo "usage: gpu_session.sh [--dry-run [--checkout DIR] | --simulate OUT_DIR | te | --report FILES_DIR [--readme README.md]]" >&2

@@ -3,7 +3,7 @@
 `solopo build-data` samples `data.num_responses` answers per prompt with `data.sampling.HFBackend`.
 Each prompt is prefilled once; for decoding, its keys/values were repeated once per response
 (`share_prompt_cache=False`), so every decoding step read n copies of the same prompt cache. With
-`share_prompt_cache=True` (the default) they are kept once per prompt (`data.hf_cache.SharedPrompts`).
+`share_prompt_cache=True` (the default) they are kept once per prompt (`data.kv_cache.SharedPrompts`).
 This script times both on the same prompts, interleaved (ABBA, so a change of machine load hits both
 alike), and checks that they produce the same tokens: greedy, and sampled with the same seed.
 
@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_solopo.data import sampling  # noqa: E402
 from megatron_solopo.data.sampling import HFBackend  # noqa: E402
-from megatron_solopo.data.tokenize import load_tokenizer, prompt_token_ids  # noqa: E402
+from megatron_solopo.data.tokenization import load_tokenizer, prompt_token_ids  # noqa: E402
 from megatron_solopo.eval.config import EvalConfig  # noqa: E402
 from megatron_solopo.eval.suites import build_suites  # noqa: E402
 

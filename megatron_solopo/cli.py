@@ -10,8 +10,8 @@ import importlib
 import os
 import sys
 
-from megatron_solopo.config import OVERRIDE_PATTERN
 from megatron_solopo.console import USER_ERRORS, mute_dependency_warnings, report_error
+from megatron_solopo.dataclass_yaml import OVERRIDE_PATTERN
 
 DESCRIPTION = ("SoLoPO: short-to-long preference optimization of LLMs for long contexts, on Megatron-Core. "
                "Build preference data, train (SoLo-DPO/IPO/SimPO/ORPO and baselines), convert checkpoints, "
@@ -20,19 +20,19 @@ DESCRIPTION = ("SoLoPO: short-to-long preference optimization of LLMs for long c
 # name -> ("module" or "module:Class", one-line help). Modules are imported only when their command runs.
 COMMANDS: dict[str, tuple[str, str]] = {
     "env": ("megatron_solopo.env_report", "print what this machine has: torch/CUDA, Megatron-Core, TE, GPUs"),
-    "fetch-default-model": ("megatron_solopo.convert.commands:FetchDefaultModel",
+    "fetch-default-model": ("megatron_solopo.commands.convert:FetchDefaultModel",
                             "download and convert the embedded default model (SmolLM2-135M-Instruct)"),
-    "convert": ("megatron_solopo.convert.commands", "convert checkpoints: hf-to-mcore | mcore-to-hf"),
-    "build-data": ("megatron_solopo.data.commands", "build SoLoPO preference data (contexts, sampling, pairs)"),
-    "precompute-ref": ("megatron_solopo.training.commands:PrecomputeRef",
+    "convert": ("megatron_solopo.commands.convert", "convert checkpoints: hf-to-mcore | mcore-to-hf"),
+    "build-data": ("megatron_solopo.commands.data", "build SoLoPO preference data (contexts, sampling, pairs)"),
+    "precompute-ref": ("megatron_solopo.commands.training:PrecomputeRef",
                        "store the frozen reference model's log-probs next to the data"),
-    "train": ("megatron_solopo.training.commands", "train with SoLoPO or a baseline objective"),
-    "eval": ("megatron_solopo.eval.commands", "evaluate long-context QA (sub-EM, EM, F1) and plot"),
-    "bench": ("megatron_solopo.bench.commands", "benchmark solo-X vs long-X: time per pair, memory, max length"),
+    "train": ("megatron_solopo.commands.training", "train with SoLoPO or a baseline objective"),
+    "eval": ("megatron_solopo.commands.eval", "evaluate long-context QA (sub-EM, EM, F1) and plot"),
+    "bench": ("megatron_solopo.commands.bench", "benchmark solo-X vs long-X: time per pair, memory, max length"),
     "demo": ("megatron_solopo.demo", "the end-to-end demo: fetch, build data, train, evaluate"),
-    "experiment": ("megatron_solopo.experiment.commands",
+    "experiment": ("megatron_solopo.commands.experiment",
                    "the quality experiment: SoLo-X vs long-X vs expand-long-X vs base, with CIs and cost"),
-    "plan": ("megatron_solopo.plan.commands",
+    "plan": ("megatron_solopo.commands.plan",
              "per-GPU peak memory of one training step for a layout (fake-tensor dry run)"),
 }
 

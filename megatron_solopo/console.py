@@ -21,6 +21,8 @@ import time
 import uuid
 import warnings
 
+from megatron_solopo.launch_env import read_launch_env
+
 __all__ = ["EXIT_USER_ERROR", "USER_ERRORS", "UserError", "WrongFieldType", "check_writable_dir",
            "describe_error", "launcher_rank", "mute_dependency_warnings", "relative_path_hint", "removed_if_left_empty",
            "report_error",
@@ -68,9 +70,7 @@ def relative_path_hint(path: str | os.PathLike) -> str:
 
 
 def launcher_rank() -> int:
-    """This process's global rank as torchrun or srun set it (parallel.distributed.read_launch_env); 0 alone."""
-    from megatron_solopo.parallel.distributed import read_launch_env  # torch: only when an error is reported
-
+    """This process's global rank as torchrun or srun set it (launch_env.read_launch_env); 0 alone."""
     return read_launch_env().rank
 
 

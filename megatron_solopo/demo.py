@@ -22,7 +22,9 @@ import json
 import pathlib
 
 from megatron_solopo.console import UserError
+from megatron_solopo.convert.default_model import default_cache_dir
 from megatron_solopo.experiment.stages import Stage, StageRunner, latest_checkpoint, solopo_argv
+from megatron_solopo.parallel.device import cuda_in_use
 
 DEMO_CONFIG = "demo.yaml"
 
@@ -34,8 +36,6 @@ def demo_config_path() -> pathlib.Path:
 
 def _device_overrides() -> list[str]:
     """With CUDA, sample the pairs' responses with the model itself (too slow on a 2-core CPU)."""
-    from megatron_solopo.parallel.device import cuda_in_use
-
     if not cuda_in_use():
         return []
     return ["data.sampling_backend=hf", "data.num_responses=8", "data.max_new_tokens=256",
@@ -78,8 +78,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from megatron_solopo.convert.default_model import default_cache_dir
-
     run_dir = pathlib.Path(args.run_dir).resolve()
     if (run_dir / "train").exists():
         raise UserError(f"{run_dir} holds an earlier demo run; remove it or pass --run-dir NEW_DIR")

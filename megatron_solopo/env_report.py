@@ -7,13 +7,14 @@ import platform
 import sys
 
 from megatron_solopo.model import backends
+from megatron_solopo.model.presets import get_preset, list_presets
+from megatron_solopo.parallel.device import cuda_in_use, requested_device
 
 
 def collect() -> dict:
     """A dict describing Python, torch/CUDA, Megatron-Core, TE, flash-attn, apex and the GPUs."""
     import torch
 
-    from megatron_solopo.parallel.device import cuda_in_use, requested_device
 
     info = {
         "python": sys.version.split()[0],
@@ -70,8 +71,6 @@ def measure_matmul_gflops(size: int = 2048, repeats: int = 5, device: str | None
     import torch
 
     if device is None:
-        from megatron_solopo.parallel.device import cuda_in_use
-
         device = "cuda" if cuda_in_use() else "cpu"
     a = torch.randn(size, size, device=device)
     b = torch.randn(size, size, device=device)
@@ -113,8 +112,6 @@ def run(args: argparse.Namespace) -> int:
             value = "not installed"
         print(f"{key:<{width}}  {value}")
     if args.presets:
-        from megatron_solopo.model.presets import get_preset, list_presets
-
         print("\nmodel presets:")
         for name in list_presets():
             preset = get_preset(name)

@@ -1,7 +1,11 @@
 """Run a function in N gloo processes (CPU) and collect each rank's return value.
 
-Importing torch + megatron costs ~10 s per process on 2 cores, so a test module should spawn one
-group and run many checks inside it (return a dict of results, assert in the parent).
+Importing torch + megatron costs ~10 s per process on 2 cores. The ranks are therefore forked from a
+multiprocessing fork server that imported them once for the whole session (`PRELOAD`): every call still
+gets fresh processes (nothing of one test's state reaches another), without paying the imports again.
+A fork server's children inherit its environment, not the caller's, so each call sends the caller's
+environment along (tests set SOLOPO_DEVICE and the like per test). A test module should still run many
+checks in one group (return a dict of results, assert in the parent).
 """
 
 from __future__ import annotations
@@ -14,6 +18,12 @@ import traceback
 import torch
 import torch.multiprocessing as mp
 
+PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron_solopo.parallel", "megatron_solopo.model.builder",
+           "megatron_solopo.training.step"]
+"""Imported once by the fork server; every rank process is forked from it with these already loaded."""
+START_METHOD = "forkserver"
+mp.get_context(START_METHOD).set_forkserver_preload(PRELOAD)
+
 
 def _free_port() -> int:
     with socket.socket() as sock:
@@ -21,7 +31,9 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _entry(rank: int, world_size: int, port: int, fn, args, out_dir: str) -> None:
+def _entry(rank: int, world_size: int, port: int, fn, args, out_dir: str, environ: dict[str, str]) -> None:
+    os.environ.clear()
+    os.environ.update(environ)  # the caller's, as a spawned process would have it
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -53,8 +65,8 @@ def run_distributed(fn, world_size: int, *args, timeout_s: float = 300):
     """
     port = _free_port()
     with tempfile.TemporaryDirectory() as out_dir:
-        ctx = mp.start_processes(_entry, args=(world_size, port, fn, args, out_dir), nprocs=world_size,
-                                 join=False, start_method="spawn")
+        ctx = mp.start_processes(_entry, args=(world_size, port, fn, args, out_dir, dict(os.environ)),
+                                 nprocs=world_size, join=False, start_method=START_METHOD)
         try:
             while not ctx.join(timeout=timeout_s):
                 pass

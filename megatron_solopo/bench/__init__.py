@@ -4,7 +4,7 @@ For one model preset (random weights) and synthetic token batches of the right s
 solo-X and long-X (X = ORPO, DPO with synthetic precomputed reference log-probs, SimPO) at a list of
 long lengths with the short context fixed, and reports per variant and length: time per preference
 pair (median of the measured steps after warm-up), tokens/s, model TFLOP/s and MFU (attention FLOPs
-counted, see `sequence_train_flops`), peak GPU memory, and the maximum trainable long length found by
+counted, see `plan.flops.sequence_train_flops`), peak GPU memory, and the maximum trainable long length found by
 a doubling + bisection search in which out-of-memory is caught and recorded. Variants switch the
 attention backend (te | sdpa | local), FP8, activation recomputation and packing. A baseline runs in
 the same process on the same lengths: a Hugging Face transformers LlamaForCausalLM of the same shape
@@ -25,10 +25,11 @@ the memory still allocated afterwards is recorded (`allocated_after_free_gib`) s
 Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (benchmarks/gpu_session.sh does) so allocator
 fragmentation after an OOM does not make a smaller length fail spuriously.
 
-Modules: config (BenchConfig, Variant, variant specs), flops (FLOP / MFU formulas), batches (synthetic
-pairs), measure (one timed case, OOM caught), search (max-length search), stack (our Megatron runner),
-baseline (transformers / TRL runner), ratios, report (JSON / Markdown / PNG), sweep (BenchRun: one
-invocation's cases and searches), commands (`add_arguments` / `run`, what megatron_solopo.cli calls).
+Modules: config (BenchConfig, Variant, variant specs), batches (synthetic pairs), measure (one timed case,
+OOM caught), search (max-length search), stack (our Megatron runner), baseline (transformers / TRL runner),
+ratios, report (JSON / Markdown / PNG), sweep (BenchRun: one invocation's cases and searches), commands
+(`add_arguments` / `run`, what megatron_solopo.cli calls). The FLOP / MFU formulas are planning's
+(megatron_solopo/plan/flops.py): bench imports plan, never the reverse.
 The GPU session (benchmarks/gpu_session.sh): session (plan, runner, dry run), probes (planned max-length
 probes and the planner's verdict), junit_live (a pytest plugin rewriting JUnit XML after every test),
 session_sim (simulated steps for the CPU test of the whole plan), session_report (`--report`).

@@ -8,6 +8,7 @@ from typing import Any
 from megatron_solopo.bench.batches import pair_sequences, synthetic_samples
 from megatron_solopo.bench.config import BenchConfig
 from megatron_solopo.bench.measure import free_memory
+from megatron_solopo.objectives import ObjectiveConfig, objective_loss
 
 BASELINE_DESCRIPTIONS = {
     "trl": "transformers LlamaForCausalLM (SDPA) + TRL ORPOTrainer.get_batch_loss_metrics (chosen and rejected "
@@ -122,7 +123,6 @@ def _hf_orpo_loss(model, seqs: Mapping[str, Any], mode: str, response_tokens: in
     """Mean ORPO (mode long) or SoLo-ORPO (mode solo) loss over the batch, objectives room formulas."""
     import torch
 
-    from megatron_solopo.objectives import ObjectiveConfig, objective_loss
 
     stats = {}
     context = "long" if mode == "long" else "short"

@@ -6,6 +6,7 @@ import math
 from typing import Any
 
 from megatron_solopo.bench.config import BenchConfig
+from megatron_solopo.objectives import ObjectiveConfig, logps_key, required_reference_sequences, required_sequences
 
 
 def pair_sequences(objective: str, mode: str, long_len: int, short_len: int) -> list[tuple[str, int]]:
@@ -14,8 +15,6 @@ def pair_sequences(objective: str, mode: str, long_len: int, short_len: int) -> 
     solo-X: short chosen, short rejected, long chosen; long-X: long chosen, long rejected
     (`objectives.required_sequences` decides; reference log-probs are precomputed data, no pass).
     """
-    from megatron_solopo.objectives import ObjectiveConfig, required_sequences
-
     names = sorted(required_sequences(ObjectiveConfig(name=objective, mode=mode)))
     return [(name, long_len if name.startswith("long") else short_len) for name in names]
 
@@ -31,7 +30,6 @@ def synthetic_sample(objective: str, mode: str, long_len: int, short_len: int, r
     """
     import torch
 
-    from megatron_solopo.objectives import ObjectiveConfig, logps_key, required_reference_sequences
 
     def ids(n: int) -> list[int]:
         return torch.randint(0, vocab_size, (n,), generator=generator).tolist()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 from typing import Any
+from megatron_solopo.model.presets import get_preset
 
 OBJECTIVES = ("orpo", "dpo", "simpo")
 MODES = ("solo", "long")
@@ -192,7 +193,6 @@ class BenchConfig:
         if self.search and not self.long_lengths[0] <= self.search_limit:
             raise ValueError(f"bench --search-limit ({self.search_limit}) is below the first long length "
                              f"({self.long_lengths[0]}); raise it or pass --no-search")
-        from megatron_solopo.model.presets import get_preset
 
         get_preset(self.preset)  # unknown names fail here, listing the known presets
         if self.device == "cpu" and any(v.attention_backend == "te" for v in self.variants):

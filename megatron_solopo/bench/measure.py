@@ -10,7 +10,7 @@ from collections.abc import Callable, Sequence
 
 from megatron_solopo.bench.batches import pair_sequences
 from megatron_solopo.bench.config import BenchConfig
-from megatron_solopo.bench.flops import sequence_train_flops
+from megatron_solopo.plan.flops import sequence_train_flops
 
 
 @dataclasses.dataclass

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from megatron_solopo.bench.ratios import _ok
+from megatron_solopo.model.backends import package_version
 
 SCHEMA = "solopo-bench/1"
 
@@ -36,7 +37,6 @@ def machine_info(device: str) -> dict[str, Any]:
     """Machine, GPU and library versions for the results JSON."""
     import torch
 
-    from megatron_solopo.model.backends import package_version
 
     gpu = torch.cuda.get_device_name(0) if device == "cuda" else None
     return {

@@ -9,7 +9,14 @@ from typing import Any
 from megatron_solopo.bench.batches import synthetic_samples
 from megatron_solopo.bench.config import BenchConfig, Variant
 from megatron_solopo.bench.measure import free_memory
+from megatron_solopo.checkpoint import load_model
+from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.objectives import ObjectiveConfig
+from megatron_solopo.parallel import current_parallel_context
 from megatron_solopo.parallel.distributed import release_global_memory_buffer
+from megatron_solopo.training.batching import Collator
+from megatron_solopo.training.optim import build_optimizer, wrap_ddp
+from megatron_solopo.training.step import train_step
 
 
 class StackRunner:
@@ -48,15 +55,13 @@ class _StackState:
     chunks: list
     optimizer: Any
     parallel: Any
-    layout: str
-    pad_to_multiple_of: int
+    collator: Any
+    """training.batching.Collator: the step's pairs in one micro-batch, padded as the training run pads."""
     device: str
     steps_taken: int = 0
 
 
 def _model_config(preset, variant: Variant, cfg: BenchConfig):
-    from megatron_solopo.model.config import ModelConfig
-
     return ModelConfig(preset=preset.name, attention_backend=variant.attention_backend, params_dtype=cfg.dtype,
                        fp8=variant.fp8, recompute=variant.recompute, init_seed=cfg.seed)
 
@@ -67,44 +72,31 @@ def _build_stack(preset, variant: Variant, cfg: BenchConfig) -> _StackState:
     AdamW at lr 1e-6 and constant schedule: the weights move a little each step, like training,
     without the random-init model diverging over the benchmark's steps.
     """
-    from megatron_solopo.checkpoint import load_model
-    from megatron_solopo.parallel import current_parallel_context, fp8_seq_multiple
-    from megatron_solopo.training.optim import build_optimizer, wrap_ddp
-
-    parallel = current_parallel_context()  # one process (bench.commands initialized it)
+    parallel = current_parallel_context()  # one process (commands.bench initialized it)
     model_config = _model_config(preset, variant, cfg)
     chunks = load_model(model_config, parallel, preset)  # random init, on the GPU if any
     chunks = wrap_ddp(chunks)
     optimizer = build_optimizer(chunks, lr=1e-6, weight_decay=0.0, clip_grad=1.0)
     # FP8 GEMMs need token counts in the recipe's multiple on each rank's shard: the one rule of training
-    # and the reference pass (parallel.context: fp8_seq_multiple, applied per layout by collation)
-    return _StackState(chunks=chunks, optimizer=optimizer, parallel=parallel,
-                       layout="packed" if variant.packing else "padded",
-                       pad_to_multiple_of=fp8_seq_multiple(model_config.fp8, model_config.fp8_recipe),
-                       device=cfg.device)
+    # and the reference pass (Collator.for_model: fp8_seq_multiple, applied per layout by collation)
+    collator = Collator.for_model(model_config, parallel, "packed" if variant.packing else "padded",
+                                  cfg.pairs_per_step, pad_token_id=0, vocab_size=None)
+    return _StackState(chunks=chunks, optimizer=optimizer, parallel=parallel, collator=collator, device=cfg.device)
 
 
 def _objective_config(objective: str, mode: str, variant: Variant):
     """The objective section a training run with this objective/mode would have (ra_gradient: solo only)."""
-    from megatron_solopo.objectives import ObjectiveConfig
-
     solo_only = {"ra_gradient": variant.ra_gradient} if mode == "solo" else {}
     return ObjectiveConfig(name=objective, mode=mode, **solo_only)
 
 
 def _stack_microbatches(state: _StackState, samples: list[dict], objective_config) -> list:
-    """One micro-batch holding every pair of the step (collate_microbatches), already on the device."""
-    from megatron_solopo.training.batching import collate_microbatches
-
-    microbatches = collate_microbatches(samples, objective_config, state.parallel,
-                                        state.layout, micro_batch_pairs=len(samples),
-                                        pad_to_multiple_of=state.pad_to_multiple_of)
+    """One micro-batch holding every pair of the step (cfg.pairs_per_step), already on the device."""
+    microbatches = state.collator.microbatches(samples, objective_config)
     return [mb.to(state.device) for mb in microbatches]
 
 
 def _stack_train_step(state: _StackState, microbatches: list, objective_config) -> None:
     """The one call into the training room: one optimizer step of our stack (training.step.train_step)."""
-    from megatron_solopo.training.step import train_step
-
     train_step(state.chunks, state.optimizer, None, microbatches, objective_config, state.parallel, state.steps_taken)
     state.steps_taken += 1

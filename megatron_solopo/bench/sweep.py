@@ -11,7 +11,7 @@ from typing import Any
 
 from megatron_solopo.bench.batches import pair_sequences
 from megatron_solopo.bench.config import BenchConfig
-from megatron_solopo.bench.flops import linear_flops_per_token, sequence_train_flops
+from megatron_solopo.bench.max_length import search_max_length
 from megatron_solopo.bench.measure import CaseResult, run_case
 from megatron_solopo.bench.ratios import compute_ratios
 from megatron_solopo.bench.report import (
@@ -22,21 +22,20 @@ from megatron_solopo.bench.report import (
     machine_info,
     write_json_atomic,
 )
-from megatron_solopo.bench.search import search_max_length
+from megatron_solopo.model.presets import get_preset
+from megatron_solopo.plan.flops import linear_flops_per_token, sequence_train_flops
 
 
 class BenchRun:
     """One `solopo bench` invocation: runs the cases in order and keeps the JSON up to date."""
 
     def __init__(self, cfg: BenchConfig, folder: pathlib.Path, tag: str, argv: Sequence[str]):
-        from megatron_solopo.model.presets import get_preset
-
         self.cfg, self.folder = cfg, folder
         self.preset = get_preset(cfg.preset)
         self.path = folder / f"bench-{cfg.preset}-{tag}.json"
         self.started = time.monotonic()
         self.stop_signal: int | None = None
-        """Set by the SIGTERM handler (bench.commands): the run ends at the next case boundary at the latest,
+        """Set by the SIGTERM handler (commands.bench): the run ends at the next case boundary at the latest,
         even when library code swallowed the SystemExit the handler raised (a bare `except:`)."""
         self.doc: dict[str, Any] = {
             "schema": SCHEMA, "tag": tag, "status": "running",

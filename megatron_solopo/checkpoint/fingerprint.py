@@ -3,7 +3,7 @@ where the files are, and different when the weights are replaced.
 
 `file_fingerprints` is the one fingerprint: per file, sha256 over its size and its first and last
 MiB (reading whole weights would take minutes). The reference log-probs identify their initial model
-by it (`training.runtime.model_identity`), and eval reports identify the evaluated model by
+by it (`training.run_inputs.model_identity`), and eval reports identify the evaluated model by
 `directory_fingerprint`, one sha256 over those per-file fingerprints.
 """
 

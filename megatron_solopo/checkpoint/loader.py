@@ -33,7 +33,9 @@ from megatron_solopo.checkpoint.format import (
     stored_tokenizer_dir,
 )
 from megatron_solopo.checkpoint.weights import load_model_weights
+from megatron_solopo.model.builder import build_model_chunks
 from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.hf import HFCheckpointReader, check_hf_names, infer_preset_from_hf, load_hf_weights
 from megatron_solopo.model.presets import ModelPreset, get_preset
 from megatron_solopo.parallel.config import ParallelConfig
 
@@ -118,8 +120,6 @@ def checkpoint_dtype(path: str | os.PathLike) -> str | None:
 def resolve_preset(model: ModelConfig) -> ModelPreset:
     """The architecture: read from model.hf_model's config.json or model.checkpoint's marker, else model.preset."""
     if model.hf_model:
-        from megatron_solopo.convert.presets_from_hf import infer_preset_from_hf
-
         return _check_named_preset(model, infer_preset_from_hf(model.hf_model), f"model.hf_model={model.hf_model}")
     if model.checkpoint:
         marker = find_marker(model.checkpoint)
@@ -179,8 +179,6 @@ def load_model(model: ModelConfig, parallel: ParallelContext | ParallelConfig | 
     (the builder draws the full weights on the CPU and splits them, so every TP layout starts equal).
     load_weights=False leaves the weights uninitialized: for a resumed run, which loads them next.
     """
-    from megatron_solopo.model.builder import build_model_chunks
-
     parallel = parallel or ParallelConfig()
     preset = preset or resolve_preset(model)
     seed_everything(model.init_seed)
@@ -196,11 +194,7 @@ def load_model(model: ModelConfig, parallel: ParallelContext | ParallelConfig | 
 
 def _load_hf_weights(chunks: list, hf_dir: str, preset: ModelPreset) -> None:
     """Every chunk's TP shard / PP stage read from the safetensors files (one tensor at a time)."""
-    from megatron_solopo.convert.hf_io import HFCheckpointReader
-    from megatron_solopo.convert.hf_to_mcore import check_hf_names, load_hf_weights
-    from megatron_solopo.convert.mappings import get_mapping
-
     with HFCheckpointReader(hf_dir) as reader:
-        check_hf_names(reader, get_mapping(preset.architecture), preset)
+        check_hf_names(reader, preset)
         for chunk in chunks:
             load_hf_weights(chunk, reader, preset)

@@ -1,8 +1,8 @@
 """Megatron-Core distributed checkpoint -> Hugging Face safetensors checkpoint.
 
 The checkpoint is loaded at tp=pp=1 in one process (dist_checkpointing reshards from whatever layout
-it was saved with), then written tensor by tensor through the architecture's name table into
-safetensors shards, with config.json and the tokenizer / generation-config files.
+it was saved with), then written tensor by tensor through its family's weight table (model/families/)
+into safetensors shards, with config.json and the tokenizer / generation-config files.
 """
 
 from __future__ import annotations
@@ -16,19 +16,22 @@ from collections.abc import Iterator
 import torch
 
 from megatron_solopo.checkpoint.format import ASSETS_DIR, CheckpointMarker, marker_path, read_marker
-from megatron_solopo.convert.hf_io import HFShardWriter, copy_hf_assets, parse_size
-from megatron_solopo.convert.hf_to_mcore import _resolve_name, fresh_output_dir, weight_state
-from megatron_solopo.convert.mappings import Geometry, get_mapping
-from megatron_solopo.convert.presets_from_hf import (
+from megatron_solopo.checkpoint.loader import checkpoint_dtype, checkpoint_preset, load_model
+from megatron_solopo.convert.hf_to_mcore import fresh_output_dir
+from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.families import get_family
+from megatron_solopo.model.families.tables import Geometry
+from megatron_solopo.model.hf.config import (
     TORCH_DTYPE_NAMES,
     UnsupportedHFConfig,
     hf_config_from_preset,
     infer_preset_from_hf,
 )
-from megatron_solopo.parallel.session import barrier, is_rank0, parallel_session
-from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.hf.loading import resolve_name, weight_state
+from megatron_solopo.model.hf.safetensors_io import HFShardWriter, copy_hf_assets, parse_size
 from megatron_solopo.model.presets import ModelPreset, get_preset
 from megatron_solopo.parallel import ParallelConfig
+from megatron_solopo.parallel.session import barrier, is_rank0, parallel_session
 
 _TORCH_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -47,8 +50,6 @@ def read_checkpoint_metadata(ckpt_dir: str | os.PathLike) -> dict:
 
 def preset_from_checkpoint(ckpt_dir: str | os.PathLike) -> ModelPreset:
     """The architecture a converted or training checkpoint was written with (`checkpoint.checkpoint_preset`)."""
-    from megatron_solopo.checkpoint.loader import checkpoint_preset
-
     return checkpoint_preset(ckpt_dir)
 
 
@@ -58,8 +59,6 @@ def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, preset: ModelPreset,
     """A GPTModel chunk for this rank with the weights of a Megatron distributed checkpoint (any saved
     layout; Megatron's parallel state must match `parallel`, see parallel.session.ensure_parallel).
     One chunk of `checkpoint.load_model`, the one loader."""
-    from megatron_solopo.checkpoint.loader import load_model
-
     parallel = parallel or ParallelConfig()
     if parallel.virtual_pp:
         raise ValueError("load_mcore_checkpoint builds one model chunk; with virtual_pp call "
@@ -71,7 +70,7 @@ def load_mcore_checkpoint(ckpt_dir: str | os.PathLike, preset: ModelPreset,
 
 def iter_hf_tensors(model, preset: ModelPreset) -> Iterator[tuple[str, torch.Tensor]]:
     """(HF name, tensor) for every weight of a complete model (tp=pp=1), in table order."""
-    mapping, geom = get_mapping(preset.architecture), Geometry.of(preset)
+    family, geom = get_family(preset.architecture), Geometry.of(preset)
     state = weight_state(model)
     embedding = state.get("embedding.word_embeddings.weight")
     if (len(model.decoder.layers) != preset.num_layers or embedding is None
@@ -79,8 +78,8 @@ def iter_hf_tensors(model, preset: ModelPreset) -> Iterator[tuple[str, torch.Ten
         raise ValueError("iter_hf_tensors needs the whole model in one process (tp=pp=1); load the "
                          "distributed checkpoint at tp=pp=1 first (it reshards)")
     used = set()
-    for mcore_name, entry in mapping.instances(len(model.decoder.layers), 0):
-        name = _resolve_name(state, mcore_name)
+    for mcore_name, entry in family.weights.instances(len(model.decoder.layers), 0):
+        name = resolve_name(state, mcore_name)
         if name is None:
             if entry.hf_names(preset.tie_embeddings):
                 raise ValueError(f"the model has no {mcore_name}, which {entry.hf_names()} come from")
@@ -89,7 +88,7 @@ def iter_hf_tensors(model, preset: ModelPreset) -> Iterator[tuple[str, torch.Ten
         yield from entry.to_hf(state[name].detach(), geom, tied=preset.tie_embeddings).items()
     unused = sorted(set(state) - used)
     if unused:
-        raise ValueError(f"model tensors {unused} have no HF name in the {mapping.hf_architecture} table")
+        raise ValueError(f"model tensors {unused} have no HF name in the {family.hf_architecture} table")
 
 
 def hf_config_for_export(preset: ModelPreset, dtype: str, source_config: dict | None) -> dict:
@@ -141,8 +140,6 @@ def convert_mcore_to_hf(ckpt_dir: str | os.PathLike, out_dir: str | os.PathLike,
             (`checkpoint.checkpoint_preset`: its marker, or a training run's saved config).
         assets_dir: tokenizer/config files to copy; default the checkpoint's hf_assets/.
     """
-    from megatron_solopo.checkpoint.loader import checkpoint_dtype, checkpoint_preset, load_model
-
     ckpt_dir, out_dir = pathlib.Path(ckpt_dir), pathlib.Path(out_dir)
     marker = None
     if preset is None:

@@ -7,13 +7,13 @@ Flow (docs/data.md): source -> contexts -> sampling -> scoring -> pairs.jsonl ->
 from megatron_solopo.data.config import DataConfig
 from megatron_solopo.data.contexts import (ContextSkip, ContextTemplates, LongContext, TokenCounter, build_long_context,
                                            build_short_context, long_context_at_depth, render_prompt)
+from megatron_solopo.data.pair_order import DistributedPairSampler
 from megatron_solopo.data.records import Document, QAItem, read_pair_records, validate_pair_record
 from megatron_solopo.data.ruler import RULER_TASKS, RulerSpec, generate_ruler
-from megatron_solopo.data.sampler import DistributedPairSampler
 from megatron_solopo.data.scoring import (answer_scores, exact_match, extract_final_answer, normalize_answer,
                                           score_response, sub_exact_match, token_f1)
 from megatron_solopo.data.synthetic import generate_synthetic_qa
-from megatron_solopo.data.tokenize import ROLES, load_tokenized_pairs, load_tokenizer, prompt_token_ids
+from megatron_solopo.data.tokenization import ROLES, load_tokenized_pairs, load_tokenizer, prompt_token_ids
 
 __all__ = [
     "DataConfig", "Document", "QAItem", "ContextSkip", "ContextTemplates", "LongContext", "TokenCounter",

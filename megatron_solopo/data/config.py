@@ -276,7 +276,8 @@ class DataConfig:
             raise ValueError("data.max_items must be >= 1 or null (all items)")
         if self.max_answer_words is not None and self.max_answer_words < 1:
             raise ValueError("data.max_answer_words must be >= 1 or null (no limit)")
-        from megatron_solopo.data.contexts import WORKED_EXAMPLES  # contexts imports this module
+        # deferred: data/contexts.py imports this module's templates at its top (a cycle otherwise)
+        from megatron_solopo.data.contexts import WORKED_EXAMPLES
 
         if not 0 <= self.num_prompt_examples <= len(WORKED_EXAMPLES):
             raise ValueError(f"data.num_prompt_examples must be in [0, {len(WORKED_EXAMPLES)}], got "

@@ -47,7 +47,7 @@ BUILD_NEUTRAL_KEYS = ("output_dir", "pairs_path", "cache_dir", "sampling_batch_s
 def build_settings(config: DataConfig, model_id: str) -> dict[str, Any]:
     """What decides the pairs a build writes: every data.* setting except BUILD_NEUTRAL_KEYS, and the
     sampling model. Recorded in summary.json (`build_settings`), so a later build can tell whether the
-    files it would replace came from the same settings (data/commands.py refuses otherwise)."""
+    files it would replace came from the same settings (commands/data.py refuses otherwise)."""
     settings = {key: value for key, value in dataclasses.asdict(config).items() if key not in BUILD_NEUTRAL_KEYS}
     return {**settings, "sampling_model_id": model_id}
 

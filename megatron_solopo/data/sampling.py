@@ -19,8 +19,14 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
+from megatron_solopo.data.kv_cache import (SharedPrompts, cache_kwarg, full_attention_only, last_logits,
+                                           prefill_each, reserved_cache, row_mask, select_rows,
+                                           shared_prompt_decoding)
 from megatron_solopo.data.records import QAItem, atomic_write
-from megatron_solopo.data.tokenize import prompt_token_ids
+from megatron_solopo.data.synthetic import scripted_responses
+from megatron_solopo.data.tokenization import prompt_token_ids
+from megatron_solopo.model.hf.loading import check_hf_model
+from megatron_solopo.parallel.device import setting_device
 
 __all__ = ["SamplingRequest", "SamplingSettings", "SamplingStats", "ResponseBackend", "HFBackend", "VLLMBackend",
            "ScriptedBackend", "make_backend", "vllm_available", "sample_responses"]
@@ -130,7 +136,7 @@ benchmarks/sampling_prompt_cache_bench.py): ~1050-token prompts 1.15x faster sha
 class HFBackend:
     """Batched sampling with a Hugging Face causal LM, on CPU or GPU.
 
-    Each prompt is prefilled once, alone and unpadded (data.hf_cache), and its KV cache serves all its
+    Each prompt is prefilled once, alone and unpadded (data.kv_cache), and its KV cache serves all its
     responses (one shared copy for prompts of >= SHARED_PROMPT_MIN_TOKENS, else one copy each), instead of `generate(num_return_sequences=n)`, which prefills every copy: with
     n = 32 responses on ~1K-token prompts the prefill is most of the work. Decoding appends to the
     cache in place (transformers' DynamicLayer copies the whole cache every step: ~55% of a CPU
@@ -145,10 +151,7 @@ class HFBackend:
 
         import transformers
 
-        from megatron_solopo.data.hf_cache import cache_kwarg, full_attention_only
 
-        from megatron_solopo.convert.hf_to_mcore import check_hf_model
-        from megatron_solopo.parallel.device import setting_device
 
         device = str(setting_device(device, "data.sampling_device"))
         self.device = device
@@ -197,15 +200,13 @@ class HFBackend:
 
     def _decode_in_place(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,
                          max_new_tokens: int, generator: Any, greedy: bool) -> list[list[int]]:
-        """Prompts prefilled one by one (data.hf_cache), then decoded with in-place cache appends; finished
+        """Prompts prefilled one by one (data.kv_cache), then decoded with in-place cache appends; finished
         rows leave the batch once they are a quarter of it (dropping rows copies the cache, about the cost
         of one step). Rows are prompt-major. With `share_prompt_cache` and several responses per prompt,
         each prompt's keys/values are kept once for all its responses (`hf_cache.SharedPrompts`: a decoding
         step reads them once per prompt, not once per response); otherwise the prompt rows are repeated."""
         import torch
 
-        from megatron_solopo.data.hf_cache import (SharedPrompts, last_logits, prefill_each, reserved_cache, row_mask,
-                                                   select_rows, shared_prompt_decoding)
 
         eos = self.tokenizer.eos_token_id
         share = self.share_prompt_cache and num_responses > 1 and max(map(len, prompts)) >= SHARED_PROMPT_MIN_TOKENS
@@ -371,8 +372,6 @@ class ScriptedBackend:
         return 64
 
     def generate(self, requests: Sequence[SamplingRequest], settings: SamplingSettings, seed: int) -> list[list[str]]:
-        from megatron_solopo.data.synthetic import scripted_responses
-
         out = []
         for r in requests:
             if r.item is None:

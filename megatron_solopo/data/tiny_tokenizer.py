@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from typing import Any
+from megatron_solopo.data.config import DEFAULT_PROMPT_TEMPLATE
+from megatron_solopo.data.synthetic import generate_synthetic_qa
 
 __all__ = ["CHATML_TEMPLATE", "build_tiny_tokenizer", "synthetic_corpus"]
 
@@ -20,9 +22,6 @@ _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<pad>")
 
 def synthetic_corpus(num_items: int = 40, seed: int = 0) -> list[str]:
     """Text to train the tiny tokenizer on: synthetic questions, documents and the default prompt."""
-    from megatron_solopo.data.config import DEFAULT_PROMPT_TEMPLATE
-    from megatron_solopo.data.synthetic import generate_synthetic_qa
-
     texts = [DEFAULT_PROMPT_TEMPLATE]
     for namespace in ("train", "eval"):
         for item in generate_synthetic_qa(num_items, seed, entity_namespace=namespace):

@@ -4,7 +4,7 @@ A Hugging Face directory is loaded as is (eval.backend=hf) or into a GPTModel (e
 A Megatron-Core checkpoint (converted or trained: the marker says which, checkpoint/format.py) is
 exported to Hugging Face format in a temporary directory, in the checkpoint's own params dtype
 (eval.backend=hf), or loaded into a GPTModel (eval.backend=megatron). Every model is loaded by
-`checkpoint.load_model`; the `solopo eval` command line is eval/commands.py.
+`checkpoint.load_model`; the `solopo eval` command line is commands/eval.py.
 """
 
 from __future__ import annotations
@@ -18,6 +18,23 @@ import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from typing import TYPE_CHECKING, Any
+from megatron_solopo.checkpoint.fingerprint import directory_fingerprint
+from megatron_solopo.checkpoint.format import read_marker, stored_tokenizer_dir
+from megatron_solopo.checkpoint.loader import checkpoint_dtype, checkpoint_preset, load_model
+from megatron_solopo.convert.mcore_to_hf import convert_mcore_to_hf
+from megatron_solopo.data.contexts import ContextTemplates, config_prompt_examples
+from megatron_solopo.data.tokenization import (check_tokenizer_fits_model, load_tokenizer, prompt_token_ids,
+                                               tokenizer_fingerprint)
+from megatron_solopo.dataclass_yaml import to_dict
+from megatron_solopo.eval.config import ruler_task_of
+from megatron_solopo.eval.generation import HFGenerator, MegatronGenerator, resolve_device, resolve_dtype
+from megatron_solopo.eval.metrics import score_prediction
+from megatron_solopo.eval.report import build_report, compare_markdown, plot_comparison, write_report
+from megatron_solopo.eval.suites import build_suites
+from megatron_solopo.model.config import ModelConfig
+from megatron_solopo.model.hf.loading import check_hf_model
+from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.parallel.session import parallel_session
 
 if TYPE_CHECKING:
     from megatron_solopo.config import ExperimentConfig
@@ -51,8 +68,6 @@ class ModelSource:
 
     def checkpoint_kind(self) -> str | None:
         """converted | trained for a Megatron checkpoint (from its marker), None for a HF directory."""
-        from megatron_solopo.checkpoint.format import read_marker
-
         return read_marker(self.path).kind if self.kind == "megatron" else None
 
     def display_label(self) -> str:
@@ -72,8 +87,6 @@ def _checkpoint_step(path: str) -> int | None:
 
 def compare_reports(reports: Sequence[dict], output_dir: str) -> tuple[str, dict[str, str]]:
     """Writes compare.md (and compare.png when the reports have length data); returns (table, paths)."""
-    from megatron_solopo.eval.report import compare_markdown, plot_comparison
-
     out = pathlib.Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     table = compare_markdown(reports)
@@ -101,10 +114,6 @@ def _load_megatron_model(config: ExperimentConfig, source: ModelSource, hf_dir: 
     The experiment's parallel section describes training and is not used: a Megatron checkpoint saved
     with any layout loads at tp=pp=cp=1 (dist_checkpointing reshards).
     """
-    from megatron_solopo.checkpoint.loader import load_model
-    from megatron_solopo.model.config import ModelConfig
-    from megatron_solopo.parallel.config import ParallelConfig
-
     names = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
     weights = {"hf_model": hf_dir} if source.kind == "hf" else {"checkpoint": source.path}
     model = ModelConfig(params_dtype=names[str(dtype)], attention_backend=config.model.attention_backend, **weights)
@@ -116,8 +125,6 @@ def _megatron_session(needed: bool):
     here), or nothing when no Megatron model is involved."""
     if not needed:
         return contextlib.nullcontext()
-    from megatron_solopo.parallel.config import ParallelConfig
-    from megatron_solopo.parallel.session import parallel_session
 
     return parallel_session(ParallelConfig())
 
@@ -129,8 +136,6 @@ def _hf_dir_for(source: ModelSource, progress: bool) -> Iterator[str]:
     if source.kind == "hf":
         yield source.path
         return
-    from megatron_solopo.checkpoint.loader import checkpoint_dtype
-    from megatron_solopo.convert.mcore_to_hf import convert_mcore_to_hf
 
     with tempfile.TemporaryDirectory(prefix="solopo-eval-hf-") as tmp:
         log_fn = (lambda msg: print(msg, file=sys.stderr)) if progress else (lambda msg: None)
@@ -140,8 +145,6 @@ def _hf_dir_for(source: ModelSource, progress: bool) -> Iterator[str]:
 
 
 def _tokenizer_dir(source: ModelSource, hf_dir: str | None) -> str:
-    from megatron_solopo.checkpoint.format import stored_tokenizer_dir
-
     if source.tokenizer:
         return source.tokenizer
     if hf_dir is not None:
@@ -156,12 +159,7 @@ def _tokenizer_dir(source: ModelSource, hf_dir: str | None) -> str:
 def _check_model_and_tokenizer(source: ModelSource, tokenizer: Any, tokenizer_path: str) -> None:
     """An HF directory's config.json must match its weights (`check_hf_model`), and the tokenizer must fit the
     model: no more tokens than its vocabulary, and the model's own tokenizer (its HF directory's, or the one
-    saved with the checkpoint) when it carries one (data.tokenize.check_tokenizer_fits_model)."""
-    from megatron_solopo.checkpoint.format import stored_tokenizer_dir
-    from megatron_solopo.checkpoint.loader import checkpoint_preset
-    from megatron_solopo.convert.hf_to_mcore import check_hf_model
-    from megatron_solopo.data.tokenize import check_tokenizer_fits_model
-
+    saved with the checkpoint) when it carries one (data.tokenization.check_tokenizer_fits_model)."""
     if source.kind == "hf":
         vocab, own, what = check_hf_model(source.path).vocab_size, source.path, f"--hf-model {source.path}"
     else:
@@ -171,8 +169,6 @@ def _check_model_and_tokenizer(source: ModelSource, tokenizer: Any, tokenizer_pa
 
 
 def _build_generator(config: ExperimentConfig, source: ModelSource, hf_dir: str | None, tokenizer: Any):
-    from megatron_solopo.eval.generation import HFGenerator, MegatronGenerator, resolve_device, resolve_dtype
-
     ev = config.eval
     device = resolve_device(ev.device)
     dtype = resolve_dtype(ev.dtype, device)
@@ -207,8 +203,6 @@ def _prompt_config(data: DataConfig) -> dict[str, Any]:
 
 def _check_answer_words(ev: Any, data: DataConfig) -> None:
     """A ruler suite whose complete answer has more words than data.max_answer_words could score only 0."""
-    from megatron_solopo.eval.config import ruler_task_of
-
     if ev.answer_extraction != "final_answer" or data.max_answer_words is None:
         return
     for suite in ev.suites:
@@ -226,14 +220,6 @@ def evaluate(config: ExperimentConfig, source: ModelSource, progress: bool = Tru
     `config`'s eval section says what to run; its data section renders the prompts exactly as
     training did.
     """
-    from megatron_solopo.checkpoint.fingerprint import directory_fingerprint
-    from megatron_solopo.config import to_dict
-    from megatron_solopo.data.contexts import ContextTemplates, config_prompt_examples
-    from megatron_solopo.data.tokenize import load_tokenizer, prompt_token_ids, tokenizer_fingerprint
-    from megatron_solopo.eval.metrics import score_prediction
-    from megatron_solopo.eval.report import build_report, write_report
-    from megatron_solopo.eval.suites import build_suites
-
     ev, data = config.eval, config.data
     _check_answer_words(ev, data)
     started = time.perf_counter()

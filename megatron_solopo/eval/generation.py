@@ -33,7 +33,10 @@ from typing import Any
 
 import torch
 
-from megatron_solopo.data.hf_cache import cache_kwarg, full_attention_only, last_logits, prefill_each, select_rows
+from megatron_solopo.data.kv_cache import cache_kwarg, full_attention_only, last_logits, prefill_each, select_rows
+from megatron_solopo.data.sampling import left_pad
+from megatron_solopo.model.hf.loading import check_hf_model
+from megatron_solopo.parallel.device import setting_device
 
 __all__ = ["GenerationStats", "Generator", "HFGenerator", "MegatronGenerator", "resolve_device", "resolve_dtype",
            "batched_greedy", "forced_prefix_greedy", "truncate_at_eos"]
@@ -46,8 +49,6 @@ _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def resolve_device(device: str) -> torch.device:
     """'auto' -> cuda when in use (visible and not SOLOPO_DEVICE=cpu: parallel.device), else cpu; an
     explicit CUDA device without CUDA is an error."""
-    from megatron_solopo.parallel.device import setting_device
-
     return setting_device(device, "eval.device")
 
 
@@ -183,7 +184,6 @@ class HFGenerator(Generator):
                         prefill: str = "unpadded") -> HFGenerator:
         from transformers import AutoModelForCausalLM
 
-        from megatron_solopo.convert.hf_to_mcore import check_hf_model
 
         check_hf_model(hf_dir)  # tensors and config.json agree, from the headers: a one-line error otherwise
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
@@ -198,7 +198,6 @@ class HFGenerator(Generator):
     def _generate_padded(self, prompts: list[list[int]]) -> list[list[int]]:
         from transformers import GenerationConfig
 
-        from megatron_solopo.data.sampling import left_pad
 
         input_ids, attention_mask = left_pad(prompts, self.pad_id)
         config = GenerationConfig(do_sample=False, num_beams=1, max_new_tokens=self.max_new_tokens,

@@ -37,6 +37,7 @@ from megatron_solopo.config import (
     load_yaml,
     parse_override,
 )
+from megatron_solopo.eval.stats import mcnemar_items_needed
 
 __all__ = ["ArmConfig", "Preregistration", "QualityExperimentConfig", "load_quality_config", "BASE_ARM",
            "PAIR_SETS", "MAX_ALPHA_CANDIDATES"]
@@ -136,8 +137,6 @@ class Preregistration:
     """Largest accepted loss (point estimate, accuracy points) of a SoLoPO arm vs base on `short_suite`."""
 
     def __post_init__(self) -> None:
-        from megatron_solopo.eval.stats import mcnemar_items_needed
-
         if not 0 < self.detect_points <= 100 or not 0 < self.power < 1 or not 0 < self.level < 1:
             raise ValueError("need 0 < detect_points <= 100, 0 < power < 1 and 0 < level < 1")
         if not self.detect_points / 100 <= self.pilot_discordance <= 1:
@@ -153,8 +152,6 @@ class Preregistration:
 
     def items_needed(self) -> int:
         """The power calculation's number of paired items per cell."""
-        from megatron_solopo.eval.stats import mcnemar_items_needed
-
         return mcnemar_items_needed(self.detect_points / 100, self.pilot_discordance, self.level, self.power)
 
 

@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from megatron_solopo.training.run_state import find_latest_checkpoint
 
 __all__ = ["Stage", "StageRunner", "solopo_argv", "latest_checkpoint"]
 
@@ -83,8 +84,6 @@ def solopo_argv(*args: str) -> list[str]:
 
 def latest_checkpoint(train_dir: str | os.PathLike, command: str = "solopo") -> str:
     """The newest complete checkpoint a `solopo train` stage wrote under `train_dir` (SystemExit if none)."""
-    from megatron_solopo.training.checkpointing import find_latest_checkpoint
-
     latest = find_latest_checkpoint(pathlib.Path(train_dir))
     if latest is None:
         raise SystemExit(f"{command}: training wrote no complete checkpoint under {train_dir}")

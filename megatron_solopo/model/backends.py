@@ -7,6 +7,7 @@ import importlib
 import importlib.metadata
 
 import torch
+from megatron_solopo.parallel.device import cuda_in_use
 
 
 def package_version(dist_name: str) -> str | None:
@@ -54,8 +55,6 @@ def resolve_attention_backend(requested: str, params_dtype: str | None = None) -
     default fp32 would silently fall to TE's unfused O(s^2) path or fail. The message says to train in
     bf16 on the GPU (or to pick sdpa explicitly). `params_dtype=None` skips that check (reports).
     """
-    from megatron_solopo.parallel.device import cuda_in_use
-
     on_cuda = cuda_in_use()
     if requested == "auto":
         if not (on_cuda and te_importable()):
@@ -89,8 +88,6 @@ def check_fp8_recipe(fp8: str | None, fp8_recipe: str, capability: tuple[int, in
     if fp8 is None:
         return
     if capability is None:
-        from megatron_solopo.parallel.device import cuda_in_use
-
         if not cuda_in_use():
             return
         capability = tuple(torch.cuda.get_device_capability())

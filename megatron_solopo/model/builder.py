@@ -12,6 +12,7 @@ import logging
 import torch
 import torch.nn.functional as F
 
+from megatron_solopo.model.attention import SDPACoreAttention
 from megatron_solopo.model.backends import check_fp8_recipe, resolve_attention_backend
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset
@@ -115,8 +116,6 @@ def layer_spec(backend: str):
     spec = get_gpt_layer_local_spec(normalization="RMSNorm")
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = TorchRMSNorm
     if backend == "sdpa":
-        from megatron_solopo.model.attention import SDPACoreAttention
-
         spec.submodules.self_attention.submodules.core_attention = SDPACoreAttention
     return spec
 

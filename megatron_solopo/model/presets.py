@@ -2,14 +2,18 @@
 
 A preset says nothing about parallelism or precision; `builder.build_gpt_model` turns a preset and a
 `ParallelConfig` into a Megatron-Core GPTModel. Presets for real checkpoints are also inferred from a
-Hugging Face config.json by the conversion room.
+Hugging Face config.json (model/hf/config.py). `architecture` names a family of model/families/, the
+one place where a family is described.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-ARCHITECTURES = ("llama", "qwen2", "mistral")
+from megatron_solopo.model.families import family_names
+
+ARCHITECTURES = family_names()
+"""The registered families (model/families/), e.g. ('llama', 'qwen2', 'mistral')."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -19,7 +23,7 @@ class ModelPreset:
     name: str
     """Registry name, e.g. 'llama3.1-8b'."""
     architecture: str
-    """Family for conversion: llama | qwen2 | mistral (same block; qwen2 adds QKV bias)."""
+    """A registered family (model/families/): llama | qwen2 | mistral (same block; qwen2 adds QKV bias)."""
     num_layers: int
     hidden_size: int
     ffn_hidden_size: int
@@ -42,8 +46,9 @@ class ModelPreset:
     """Llama-3.1 style RoPE frequency scaling ('llama3' rope_scaling); None = plain RoPE."""
 
     def __post_init__(self) -> None:
-        if self.architecture not in ARCHITECTURES:
-            raise ValueError(f"preset {self.name}: architecture {self.architecture!r} not in {ARCHITECTURES}")
+        if self.architecture not in family_names():  # the registry, read now: a family may register late
+            raise ValueError(f"preset {self.name}: architecture {self.architecture!r} not in {family_names()} "
+                             "(one module per family in model/families/)")
         if self.num_attention_heads % self.num_query_groups:
             raise ValueError(f"preset {self.name}: {self.num_attention_heads} attention heads are not a "
                              f"multiple of {self.num_query_groups} kv heads")

@@ -8,8 +8,8 @@ and response token counts. See docs/objectives.md for every formula, default and
                                 chosen_tokens, rejected_tokens, alpha=1.0)
 """
 
-from megatron_solopo.objectives import base as _base  # noqa: F401  (registers dpo, ipo, simpo, orpo)
-from megatron_solopo.objectives.base import orpo_clamp_eps, orpo_log_odds
+from megatron_solopo.objectives import builtin as _builtin  # noqa: F401  (registers dpo, ipo, simpo, orpo)
+from megatron_solopo.objectives.builtin import orpo_clamp_eps, orpo_log_odds
 from megatron_solopo.objectives.config import (
     MODES,
     SEQUENCES,
@@ -20,6 +20,7 @@ from megatron_solopo.objectives.config import (
     required_batch_keys,
     required_reference_sequences,
     required_sequences,
+    sequence_stats,
 )
 from megatron_solopo.objectives.losses import (
     COUNT_METRICS,
@@ -59,6 +60,7 @@ __all__ = [
     "required_batch_keys",
     "needs_reference",
     "logps_key",
+    "sequence_stats",
     "objective_hparam_specs",
     "REDUCTIONS",
     "RA_DISTANCES",

@@ -32,7 +32,7 @@ from megatron_solopo.objectives.losses import (
     resolved_preference_loss,
     resolved_solopo_loss,
 )
-from megatron_solopo.objectives.registry import get_objective
+from megatron_solopo.objectives.registry import SequenceStats, get_objective
 
 __all__ = [
     "ObjectiveConfig",
@@ -44,6 +44,7 @@ __all__ = [
     "required_batch_keys",
     "logps_key",
     "objective_loss",
+    "sequence_stats",
 ]
 
 SHORT_CHOSEN, SHORT_REJECTED = "short_chosen", "short_rejected"
@@ -257,19 +258,24 @@ def required_batch_keys(config: ObjectiveConfig) -> frozenset[str]:
 LossResult = tuple[torch.Tensor, dict[str, object]]
 
 
+def sequence_stats(batch_stats: Mapping[str, torch.Tensor], sequence: str,
+                   reference_sequence: str | None = None) -> SequenceStats:
+    """One sequence's `SequenceStats` from a batch_stats mapping: its policy log-prob sums, its response's
+    token count and the reference sums of `reference_sequence` (default: the same sequence; LongPO's
+    reference scores x_short), None when batch_stats holds none."""
+    tokens = TOKEN_KEYS[0] if sequence.endswith("_chosen") else TOKEN_KEYS[1]
+    reference = batch_stats.get(logps_key(reference_sequence or sequence, reference=True))
+    return SequenceStats(batch_stats[logps_key(sequence)], batch_stats[tokens], reference)
+
+
 def _solo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
+    long_rejected = sequence_stats(stats, LONG_REJECTED) if logps_key(LONG_REJECTED) in stats else None
     return resolved_solopo_loss(
         config.name,
-        stats["short_chosen_logps"],
-        stats["short_rejected_logps"],
-        stats["long_chosen_logps"],
-        stats["chosen_tokens"],
-        stats["rejected_tokens"],
-        ref_short_chosen_logps=stats.get("ref_short_chosen_logps"),
-        ref_short_rejected_logps=stats.get("ref_short_rejected_logps"),
-        ref_long_chosen_logps=stats.get("ref_long_chosen_logps"),
-        long_rejected_logps=stats.get("long_rejected_logps"),
-        ref_long_rejected_logps=stats.get("ref_long_rejected_logps"),
+        sequence_stats(stats, SHORT_CHOSEN),
+        sequence_stats(stats, SHORT_REJECTED),
+        sequence_stats(stats, LONG_CHOSEN),
+        long_rejected,
         reduction=reduction,
         hparams=config.resolved_hparams,
     )
@@ -279,12 +285,8 @@ def _one_context(context: str) -> Callable[[ObjectiveConfig, Mapping[str, torch.
     def loss(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
         return resolved_preference_loss(
             config.name,
-            stats[f"{context}_chosen_logps"],
-            stats[f"{context}_rejected_logps"],
-            stats["chosen_tokens"],
-            stats["rejected_tokens"],
-            ref_chosen_logps=stats.get(f"ref_{context}_chosen_logps"),
-            ref_rejected_logps=stats.get(f"ref_{context}_rejected_logps"),
+            sequence_stats(stats, f"{context}_chosen"),
+            sequence_stats(stats, f"{context}_rejected"),
             reduction=reduction,
             hparams=config.resolved_hparams,
         )
@@ -293,13 +295,9 @@ def _one_context(context: str) -> Callable[[ObjectiveConfig, Mapping[str, torch.
 
 
 def _longpo(config: ObjectiveConfig, stats: Mapping[str, torch.Tensor], reduction: str) -> LossResult:
-    return resolved_longpo_loss(
-        stats["long_chosen_logps"],
-        stats["long_rejected_logps"],
-        stats["chosen_tokens"],
-        stats["rejected_tokens"],
-        stats["ref_short_chosen_logps"],
-        stats["ref_short_rejected_logps"],
+    return resolved_longpo_loss(  # policy on x_long, reference on x_short
+        sequence_stats(stats, LONG_CHOSEN, reference_sequence=SHORT_CHOSEN),
+        sequence_stats(stats, LONG_REJECTED, reference_sequence=SHORT_REJECTED),
         reduction=reduction,
         hparams=config.resolved_hparams,
     )

@@ -182,10 +182,22 @@ def _check_values(logps: Mapping[str, torch.Tensor], tokens: Mapping[str, torch.
 
 
 # ----------------------------------------------------------------------------------- loss terms
-def _stats(logps: torch.Tensor, tokens: torch.Tensor, ref: torch.Tensor | None, dtype: torch.dtype) -> SequenceStats:
-    return SequenceStats(
-        logps=logps.to(dtype), tokens=tokens.to(dtype), ref_logps=None if ref is None else ref.to(dtype)
-    )
+def _cast(seq: SequenceStats, dtype: torch.dtype) -> SequenceStats:
+    """`seq` in the dtype the loss is computed in (every tensor, the token counts included)."""
+    ref = seq.ref_logps
+    return SequenceStats(logps=seq.logps.to(dtype), tokens=seq.tokens.to(dtype),
+                         ref_logps=None if ref is None else ref.to(dtype))
+
+
+def _token_counts(chosen: SequenceStats, rejected: SequenceStats,
+                  *long: SequenceStats | None) -> dict[str, torch.Tensor]:
+    """The response token counts to check, by name. The long sequences share their response's count
+    with the short ones (same response); one handed a different tensor is checked under its own name."""
+    counts = {"chosen_tokens": chosen.tokens, "rejected_tokens": rejected.tokens}
+    for role, short, seq in zip(("long_chosen", "long_rejected"), (chosen, rejected), long):
+        if seq is not None and seq.tokens is not short.tokens:
+            counts[f"{role}_tokens"] = seq.tokens
+    return counts
 
 
 def _po_terms(
@@ -332,46 +344,31 @@ def preference_loss(
     where = f"preference_loss({name!r})"
     resolved = resolve_hparams(objective_hparam_specs(name), hparams, where)
     _check_choice(reduction, REDUCTIONS, "reduction", where)
-    return resolved_preference_loss(name, chosen_logps, rejected_logps, chosen_tokens, rejected_tokens,
-                                    ref_chosen_logps, ref_rejected_logps, reduction=reduction, hparams=resolved,
-                                    check_values=True)
+    chosen = SequenceStats(chosen_logps, chosen_tokens, ref_chosen_logps)
+    rejected = SequenceStats(rejected_logps, rejected_tokens, ref_rejected_logps)
+    return resolved_preference_loss(name, chosen, rejected, reduction=reduction, hparams=resolved, check_values=True)
 
 
 def resolved_preference_loss(
     name: str,
-    chosen_logps: torch.Tensor,
-    rejected_logps: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    ref_chosen_logps: torch.Tensor | None = None,
-    ref_rejected_logps: torch.Tensor | None = None,
+    chosen: SequenceStats,
+    rejected: SequenceStats,
     *,
     reduction: str,
     hparams: Mapping[str, object],
     check_values: bool = False,
 ) -> tuple[torch.Tensor, dict[str, object]]:
-    """`preference_loss` with `hparams` already resolved (every one present and checked, e.g.
-    `ObjectiveConfig.resolved_hparams`): nothing is re-validated, and without check_values the
-    inputs' values are not checked either (no host sync; NaN/Inf inputs give a NaN/Inf loss)."""
+    """`preference_loss` on the chosen and rejected sequences' statistics (on one context), with
+    `hparams` already resolved (every one present and checked, e.g. `ObjectiveConfig.resolved_hparams`):
+    nothing is re-validated, and without check_values the inputs' values are not checked either (no
+    host sync; NaN/Inf inputs give a NaN/Inf loss). Their types and shapes always are."""
     where = f"preference_loss({name!r})"
     objective = get_objective(name)
-    resolved = hparams
-    refs = {"ref_chosen_logps": ref_chosen_logps, "ref_rejected_logps": ref_rejected_logps}
+    refs = {"ref_chosen_logps": chosen.ref_logps, "ref_rejected_logps": rejected.ref_logps}
     _check_references(objective, refs, where)
-    dtype = _check_inputs(
-        {
-            "chosen_logps": chosen_logps,
-            "rejected_logps": rejected_logps,
-            "ref_chosen_logps": ref_chosen_logps,
-            "ref_rejected_logps": ref_rejected_logps,
-        },
-        {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens},
-        where,
-        check_values,
-    )
-    chosen = _stats(chosen_logps, chosen_tokens, ref_chosen_logps, dtype)
-    rejected = _stats(rejected_logps, rejected_tokens, ref_rejected_logps, dtype)
-    loss, metrics = _po_terms(objective, chosen, rejected, resolved)
+    dtype = _check_inputs({"chosen_logps": chosen.logps, "rejected_logps": rejected.logps, **refs},
+                          _token_counts(chosen, rejected), where, check_values)
+    loss, metrics = _po_terms(objective, _cast(chosen, dtype), _cast(rejected, dtype), hparams)
     return _reduce(loss, metrics, reduction)
 
 
@@ -407,6 +404,10 @@ def solopo_loss(
     shared by both contexts (the response is identical). DPO/IPO need the reference log-probs of
     every sequence the policy scores: (x_short, y_w), (x_short, y_l), (x_long, y_w) [, (x_long, y_l)].
     hparams are those of `preference_loss`; sft_weight applies to the short chosen.
+
+    The public functional form, one tensor per argument (hence its many parameters): it checks every
+    input and value and bundles them into `SequenceStats` for `resolved_solopo_loss`, which the
+    trainer calls directly (`objective_loss`).
     """
     where = f"solopo_loss({name!r})"
     resolved = resolve_hparams(objective_hparam_specs(name), hparams, where)
@@ -415,69 +416,72 @@ def solopo_loss(
     resolved["ra_on"] = _check_choice(ra_on, RA_ON, "ra_on", where)
     resolved["ra_gradient"] = _check_choice(ra_gradient, RA_GRADIENT, "ra_gradient", where)
     _check_choice(reduction, REDUCTIONS, "reduction", where)
+    # here, before bundling: a reference for the long rejected without its policy sums has no bundle
+    _check_ra_on_inputs(ra_on, long_rejected_logps, ref_long_rejected_logps, where)
+    long_rejected = (None if long_rejected_logps is None else
+                     SequenceStats(long_rejected_logps, rejected_tokens, ref_long_rejected_logps))
     return resolved_solopo_loss(
-        name, short_chosen_logps, short_rejected_logps, long_chosen_logps, chosen_tokens, rejected_tokens,
-        ref_short_chosen_logps, ref_short_rejected_logps, ref_long_chosen_logps, long_rejected_logps,
-        ref_long_rejected_logps, reduction=reduction, hparams=resolved, check_values=True,
+        name, SequenceStats(short_chosen_logps, chosen_tokens, ref_short_chosen_logps),
+        SequenceStats(short_rejected_logps, rejected_tokens, ref_short_rejected_logps),
+        SequenceStats(long_chosen_logps, chosen_tokens, ref_long_chosen_logps), long_rejected,
+        reduction=reduction, hparams=resolved, check_values=True,
     )
 
 
 def resolved_solopo_loss(
     name: str,
-    short_chosen_logps: torch.Tensor,
-    short_rejected_logps: torch.Tensor,
-    long_chosen_logps: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    ref_short_chosen_logps: torch.Tensor | None = None,
-    ref_short_rejected_logps: torch.Tensor | None = None,
-    ref_long_chosen_logps: torch.Tensor | None = None,
-    long_rejected_logps: torch.Tensor | None = None,
-    ref_long_rejected_logps: torch.Tensor | None = None,
+    short_chosen: SequenceStats,
+    short_rejected: SequenceStats,
+    long_chosen: SequenceStats,
+    long_rejected: SequenceStats | None = None,
     *,
     reduction: str,
     hparams: Mapping[str, object],
     check_values: bool = False,
 ) -> tuple[torch.Tensor, dict[str, object]]:
-    """`solopo_loss` with `hparams` already resolved (the objective's, sft_weight, alpha, ra_distance,
-    ra_on, ra_gradient; e.g. `ObjectiveConfig.resolved_hparams`): see `resolved_preference_loss`."""
+    """`solopo_loss` on the statistics of each scored sequence (long_rejected: with ra_on="both"
+    only), with `hparams` already resolved (the objective's, sft_weight, alpha, ra_distance, ra_on,
+    ra_gradient; e.g. `ObjectiveConfig.resolved_hparams`): see `resolved_preference_loss`."""
     where = f"solopo_loss({name!r})"
     objective = get_objective(name)
     resolved = {key: value for key, value in hparams.items() if key not in _SOLO_KEYS}
     alpha, ra_distance, ra_on, ra_gradient = (hparams[key] for key in _SOLO_KEYS)
-    _check_ra_on_inputs(ra_on, long_rejected_logps, ref_long_rejected_logps, where)
+    _check_ra_on_inputs(ra_on, *_logps_of(long_rejected), where)
     refs = {
-        "ref_short_chosen_logps": ref_short_chosen_logps,
-        "ref_short_rejected_logps": ref_short_rejected_logps,
-        "ref_long_chosen_logps": ref_long_chosen_logps,
+        "ref_short_chosen_logps": short_chosen.ref_logps,
+        "ref_short_rejected_logps": short_rejected.ref_logps,
+        "ref_long_chosen_logps": long_chosen.ref_logps,
     }
     if ra_on == "both":
-        refs["ref_long_rejected_logps"] = ref_long_rejected_logps
+        refs["ref_long_rejected_logps"] = long_rejected.ref_logps
     _check_references(objective, refs, where)
     dtype = _check_inputs(
         {
-            "short_chosen_logps": short_chosen_logps,
-            "short_rejected_logps": short_rejected_logps,
-            "long_chosen_logps": long_chosen_logps,
-            "long_rejected_logps": long_rejected_logps,
+            "short_chosen_logps": short_chosen.logps,
+            "short_rejected_logps": short_rejected.logps,
+            "long_chosen_logps": long_chosen.logps,
+            "long_rejected_logps": _logps_of(long_rejected)[0],
             **refs,
         },
-        {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens},
+        _token_counts(short_chosen, short_rejected, long_chosen, long_rejected),
         where,
         check_values,
     )
-    short_chosen = _stats(short_chosen_logps, chosen_tokens, ref_short_chosen_logps, dtype)
-    short_rejected = _stats(short_rejected_logps, rejected_tokens, ref_short_rejected_logps, dtype)
-    aligned = {"chosen": (short_chosen, _stats(long_chosen_logps, chosen_tokens, ref_long_chosen_logps, dtype))}
+    short_chosen, short_rejected = _cast(short_chosen, dtype), _cast(short_rejected, dtype)
+    aligned = {"chosen": (short_chosen, _cast(long_chosen, dtype))}
     if ra_on == "both":
-        long_rejected = _stats(long_rejected_logps, rejected_tokens, ref_long_rejected_logps, dtype)
-        aligned["rejected"] = (short_rejected, long_rejected)
+        aligned["rejected"] = (short_rejected, _cast(long_rejected, dtype))
     po_loss, metrics = _po_terms(objective, short_chosen, short_rejected, resolved)
     objective_hparams = {key: resolved[key] for key in objective.hparams}
     ra_loss, ra_metrics = _ra_terms(objective, aligned, objective_hparams, ra_distance, ra_gradient, alpha)
     for key, value in ra_metrics.items():  # counters (e.g. orpo/clamped) add up across sequences
         metrics[key] = metrics[key] + value if key in metrics else value
     return _reduce(po_loss + ra_loss, metrics, reduction)
+
+
+def _logps_of(seq: SequenceStats | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """(policy sums, reference sums) of an optional sequence; (None, None) when it is absent."""
+    return (None, None) if seq is None else (seq.logps, seq.ref_logps)
 
 
 def longpo_loss(
@@ -505,39 +509,36 @@ def longpo_loss(
     resolved = resolve_hparams(get_objective(LONGPO_OBJECTIVE).hparams, hparams, where)
     resolved["nll_weight"] = NLL_WEIGHT.check("nll_weight", nll_weight, where)
     _check_choice(reduction, REDUCTIONS, "reduction", where)
-    return resolved_longpo_loss(long_chosen_logps, long_rejected_logps, chosen_tokens, rejected_tokens,
-                                ref_short_chosen_logps, ref_short_rejected_logps, reduction=reduction,
-                                hparams=resolved, check_values=True)
+    # LongPO's reference scores the response on x_short: the sequences carry it as their reference
+    return resolved_longpo_loss(SequenceStats(long_chosen_logps, chosen_tokens, ref_short_chosen_logps),
+                                SequenceStats(long_rejected_logps, rejected_tokens, ref_short_rejected_logps),
+                                reduction=reduction, hparams=resolved, check_values=True)
 
 
 def resolved_longpo_loss(
-    long_chosen_logps: torch.Tensor,
-    long_rejected_logps: torch.Tensor,
-    chosen_tokens: torch.Tensor,
-    rejected_tokens: torch.Tensor,
-    ref_short_chosen_logps: torch.Tensor,
-    ref_short_rejected_logps: torch.Tensor,
+    long_chosen: SequenceStats,
+    long_rejected: SequenceStats,
     *,
     reduction: str,
     hparams: Mapping[str, object],
     check_values: bool = False,
 ) -> tuple[torch.Tensor, dict[str, object]]:
-    """`longpo_loss` with `hparams` already resolved (DPO's and nll_weight; e.g.
-    `ObjectiveConfig.resolved_hparams` in mode longpo): see `resolved_preference_loss`."""
+    """`longpo_loss` on the long chosen and rejected sequences, whose `ref_logps` are the reference
+    model's sums on x_short (LongPO's short-to-long reference), with `hparams` already resolved (DPO's
+    and nll_weight; e.g. `ObjectiveConfig.resolved_hparams` in mode longpo): see `resolved_preference_loss`."""
     where = "longpo_loss"
     objective = get_objective(LONGPO_OBJECTIVE)
     resolved = {key: value for key, value in hparams.items() if key != "nll_weight"}
     nll_weight = hparams["nll_weight"]
-    refs = {"ref_short_chosen_logps": ref_short_chosen_logps, "ref_short_rejected_logps": ref_short_rejected_logps}
+    refs = {"ref_short_chosen_logps": long_chosen.ref_logps, "ref_short_rejected_logps": long_rejected.ref_logps}
     _check_references(objective, refs, where)
     dtype = _check_inputs(
-        {"long_chosen_logps": long_chosen_logps, "long_rejected_logps": long_rejected_logps, **refs},
-        {"chosen_tokens": chosen_tokens, "rejected_tokens": rejected_tokens},
+        {"long_chosen_logps": long_chosen.logps, "long_rejected_logps": long_rejected.logps, **refs},
+        _token_counts(long_chosen, long_rejected),
         where,
         check_values,
     )
-    chosen = _stats(long_chosen_logps, chosen_tokens, ref_short_chosen_logps, dtype)
-    rejected = _stats(long_rejected_logps, rejected_tokens, ref_short_rejected_logps, dtype)
+    chosen, rejected = _cast(long_chosen, dtype), _cast(long_rejected, dtype)
     loss, metrics = _po_terms(objective, chosen, rejected, {**resolved, "sft_weight": 0.0})
     nll_loss = nll_weight * -chosen.mean_logps
     metrics["loss/nll"] = nll_loss

@@ -1,5 +1,6 @@
 """Parallel layout, process groups, context-parallel sharding and the CPU shim for Megatron-Core."""
 
+from megatron_solopo.launch_env import read_launch_env  # re-exported: parallel.read_launch_env is public
 from megatron_solopo.parallel.config import ParallelConfig
 from megatron_solopo.parallel.context import (
     ParallelContext,
@@ -21,7 +22,6 @@ from megatron_solopo.parallel.distributed import (
     destroy_parallel,
     initialize_parallel,
     init_process_group,
-    read_launch_env,
     release_global_memory_buffer,
 )
 from megatron_solopo.parallel.session import barrier, check_on_rank0, ensure_parallel, is_rank0, parallel_session

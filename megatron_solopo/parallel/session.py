@@ -9,6 +9,7 @@ from collections.abc import Callable, Iterator
 import torch.distributed as dist
 
 from megatron_solopo.console import USER_ERRORS
+from megatron_solopo.launch_env import read_launch_env
 from megatron_solopo.parallel.config import ParallelConfig
 from megatron_solopo.parallel.context import (
     ParallelContext,
@@ -17,7 +18,7 @@ from megatron_solopo.parallel.context import (
     as_parallel_context,
     current_parallel_context,
 )
-from megatron_solopo.parallel.distributed import destroy_parallel, initialize_parallel, read_launch_env
+from megatron_solopo.parallel.distributed import destroy_parallel, initialize_parallel
 
 
 def ensure_parallel(parallel: ParallelConfig, backend: str | None = None) -> ParallelContext:

@@ -36,6 +36,7 @@ import threading
 
 import torch
 from torch.overrides import TorchFunctionMode
+from megatron_solopo.parallel.device import cuda_in_use
 
 _installed = False
 _lock = threading.Lock()
@@ -216,7 +217,6 @@ def install_cpu_shim() -> bool:
     """Installs the CPU redirections when this process computes on the CPU (no CUDA, or SOLOPO_DEVICE=cpu
     on a GPU host: `megatron_solopo.parallel.device`); returns whether the shim is active."""
     global _installed
-    from megatron_solopo.parallel.device import cuda_in_use
 
     if cuda_in_use():
         return False

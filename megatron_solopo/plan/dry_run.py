@@ -34,7 +34,17 @@ import torch
 import torch.distributed as dist
 from torch.overrides import TorchFunctionMode
 
+from megatron_solopo.checkpoint.loader import load_model
+from megatron_solopo.data.tokenization import sample_from_token_ids
+from megatron_solopo.model import ModelConfig, get_preset
+from megatron_solopo.objectives import ObjectiveConfig
+from megatron_solopo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
+from megatron_solopo.parallel.shim import install_cpu_shim
 from megatron_solopo.plan.memory import LiveBytesTracker, MemoryBreakdown
+from megatron_solopo.training import step
+from megatron_solopo.training.batching import collate_microbatches, layout_for_backend
+from megatron_solopo.training.optim import build_optimizer, wrap_ddp
+from megatron_solopo.training.step import train_step
 
 __all__ = ["PlanSpec", "PlanResult", "plan_step", "parse_tokens", "synthetic_samples", "CATEGORIES"]
 
@@ -130,7 +140,6 @@ def synthetic_samples(spec: PlanSpec, vocab_size: int) -> list[dict]:
     def tokens(n: int) -> list[int]:
         return torch.randint(1, vocab_size, (n,), generator=generator).tolist()
 
-    from megatron_solopo.data.tokenize import sample_from_token_ids
 
     return [sample_from_token_ids(f"plan{index}", tokens(spec.short_tokens), tokens(spec.long_tokens),
                                   tokens(spec.response_tokens), tokens(spec.response_tokens))
@@ -146,7 +155,6 @@ def _init_process_group(spec: PlanSpec, fake: bool) -> bool:
                                "initialized in this process (plan in a fresh process)")
         from torch.testing._internal.distributed.fake_pg import FakeStore
 
-        from megatron_solopo.parallel.shim import install_cpu_shim
 
         install_cpu_shim()
         dist.init_process_group("fake", store=FakeStore(), rank=spec.rank(), world_size=spec.world_size)
@@ -266,7 +274,6 @@ class _FakePipelinePeers(contextlib.AbstractContextManager):
     def __enter__(self):
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-        from megatron_solopo.training import step
 
         self._saved = (P2PCommunicator._communicate_shapes, step._broadcast_from_last_stage)
         shape, num_pairs = self.shape, self.num_pairs
@@ -284,7 +291,6 @@ class _FakePipelinePeers(contextlib.AbstractContextManager):
     def __exit__(self, *exc) -> None:
         from megatron.core.pipeline_parallel.p2p_communication import P2PCommunicator
 
-        from megatron_solopo.training import step
 
         P2PCommunicator._communicate_shapes, step._broadcast_from_last_stage = self._saved
 
@@ -309,14 +315,6 @@ def plan_step(spec: PlanSpec, fake: bool = True) -> PlanResult:
 
 
 def _plan_step(spec: PlanSpec, fake: bool) -> PlanResult:
-    from megatron_solopo.checkpoint.loader import load_model
-    from megatron_solopo.model import ModelConfig, get_preset
-    from megatron_solopo.objectives import ObjectiveConfig
-    from megatron_solopo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
-    from megatron_solopo.training.batching import collate_microbatches, layout_for_backend
-    from megatron_solopo.training.optim import build_optimizer, wrap_ddp
-    from megatron_solopo.training.step import train_step
-
     if spec.mode not in ("solo", "long"):
         raise ValueError(f"mode must be solo or long, got {spec.mode!r}")
     preset = get_preset(spec.preset)

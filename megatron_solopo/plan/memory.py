@@ -38,9 +38,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakTensorKeyDictionary
 
+from megatron_solopo.plan.lower_bound import GIB
+
 __all__ = ["LiveBytesTracker", "MemoryBreakdown", "storage_key", "GIB"]
 
-GIB = 1024 ** 3
 _SHADOW_NUMEL_LIMIT = 1 << 20
 _NO_VALUES = {torch.ops.aten.empty.memory_format, torch.ops.aten.empty_strided.default,
               torch.ops.aten.empty_like.default, torch.ops.aten.new_empty.default}

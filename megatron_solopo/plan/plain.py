@@ -15,6 +15,9 @@ import time
 
 import torch
 
+from megatron_solopo.checkpoint.loader import load_model
+from megatron_solopo.model import ModelConfig, get_preset
+from megatron_solopo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 from megatron_solopo.plan.dry_run import _init_process_group, _TensorOfFakeScalars, PlanSpec, parse_tokens
 from megatron_solopo.plan.memory import GIB, LiveBytesTracker
 
@@ -22,9 +25,6 @@ from megatron_solopo.plan.memory import GIB, LiveBytesTracker
 def plain_step_peak(preset_name: str, tokens: int, recompute: str = "full", dtype: str = "bf16") -> dict:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from megatron_solopo.checkpoint.loader import load_model
-    from megatron_solopo.model import ModelConfig, get_preset
-    from megatron_solopo.parallel import ParallelConfig, destroy_parallel, initialize_parallel
 
     preset = get_preset(preset_name)
     _init_process_group(PlanSpec(preset=preset_name), fake=True)

@@ -12,7 +12,7 @@ full-depth dry runs (tests/plan/test_search.py, docs/scaling.md: 8B at 128K TP8 
 either way) and ~3x faster than the full-depth run for an 8B model (two 2/4-layer runs instead of 32 layers).
 
 Time: `project_time`, a roofline with every assumption in `Assumptions` (printed with the results):
-compute = hardware FLOPs (the benchmark's model FLOPs, megatron_solopo/bench/flops.py, plus the recomputed
+compute = hardware FLOPs (the benchmark's model FLOPs, plan/flops.py, plus the recomputed
 forward under full recompute) / (GPUs of a replica x peak x MFU); TP all-reduces and the CP K/V ring over
 NVLink inside a node or InfiniBand across nodes; the data-parallel gradient reduction once per step.
 
@@ -35,8 +35,12 @@ import dataclasses
 import math
 import time
 
+from megatron_solopo.model import get_preset
+from megatron_solopo.parallel.config import ParallelConfig
+from megatron_solopo.plan import lower_bound
 from megatron_solopo.plan.dry_run import PlanSpec, plan_step
-from megatron_solopo.plan.memory import GIB
+from megatron_solopo.plan.flops import attention_flops, linear_flops_per_token, sequence_train_flops
+from megatron_solopo.plan.lower_bound import GIB
 
 __all__ = ["Assumptions", "Candidate", "ScaledPlan", "TimeProjection", "SearchResult", "scaled_plan",
            "sequence_lengths", "project_time", "memory_lower_bound", "candidates", "search_layouts",
@@ -54,7 +58,7 @@ class Assumptions:
     """Every assumption of the step-time projection (printed with each search)."""
 
     gpu_peak_tflops: float = 989.0
-    """Dense BF16 tensor-core peak per GPU, TFLOP/s (H100 / H200 SXM; bench/flops.py)."""
+    """Dense BF16 tensor-core peak per GPU, TFLOP/s (H100 / H200 SXM; plan/flops.py)."""
     mfu: float = 0.40
     """Fraction of that peak reached by the step's matmuls and attention (model + recomputed FLOPs)."""
     nvlink_gb_s: float = 360.0
@@ -124,8 +128,6 @@ def scaled_plan(spec: PlanSpec, layers: tuple[int, int] | None = None) -> Scaled
     """The dry run of `spec` at `layers` transformer layers, extrapolated to the preset's depth: persistent
     categories and each phase's peak are affine in the layer count; the peak is the largest phase peak.
     Default layers: SCALE_LAYERS per (virtual) pipeline stage, i.e. SCALE_LAYERS x pp x vpp in all."""
-    from megatron_solopo.model import get_preset
-
     stages = spec.pp * (spec.virtual_pp or 1)
     layers = layers or tuple(n * stages for n in SCALE_LAYERS)
 
@@ -155,18 +157,16 @@ def sequence_lengths(spec: PlanSpec) -> list[int]:
 
 
 def memory_lower_bound(spec: PlanSpec, candidate: Candidate) -> int:
-    """Bytes one rank must hold at once (PP=1): training/memory_estimate.memory_lower_bound for this
-    batch shape; the dry run never goes below it (tests/plan/test_search.py). Used only to skip dry runs."""
-    from megatron_solopo.model import get_preset
-    from megatron_solopo.parallel.config import ParallelConfig
-    from megatron_solopo.training.memory_estimate import SequencePlan, memory_lower_bound as bound
-
+    """Bytes one rank must hold at once (PP=1): plan/lower_bound.py's memory_lower_bound for this batch
+    shape; the dry run never goes below it (tests/plan/test_search.py). Used only to skip dry runs."""
     seqs = sequence_lengths(spec)
-    plan = SequencePlan(tuple(f"s{i}" for i in range(len(seqs))), tuple(seqs), spec.response_tokens)
+    plan = lower_bound.SequencePlan(tuple(f"s{i}" for i in range(len(seqs))), tuple(seqs), spec.response_tokens)
     parallel = ParallelConfig(tp=candidate.tp, cp=candidate.cp, sequence_parallel=candidate.sequence_parallel)
-    return int(bound(get_preset(spec.preset), parallel, candidate.tp * candidate.cp * candidate.dp, plan,
-                     micro_batch_pairs=spec.micro_batch_pairs, num_microbatches=1, params_dtype=spec.params_dtype,
-                     recompute=candidate.recompute, distributed_optimizer=spec.distributed_optimizer).total)
+    bound = lower_bound.memory_lower_bound(
+        get_preset(spec.preset), parallel, candidate.tp * candidate.cp * candidate.dp, plan,
+        micro_batch_pairs=spec.micro_batch_pairs, num_microbatches=1, params_dtype=spec.params_dtype,
+        recompute=candidate.recompute, distributed_optimizer=spec.distributed_optimizer)
+    return int(bound.total)
 
 
 # ------------------------------------------------------------------------------ time
@@ -175,7 +175,7 @@ class TimeProjection:
     """Seconds of one pair through one model replica (tp*cp GPUs), by term, and the job's seconds per pair."""
 
     model_flops: float
-    """Model FLOPs of one pair (bench/flops.py: 3 x forward, LM head at response positions)."""
+    """Model FLOPs of one pair (plan/flops.py: 3 x forward, LM head at response positions)."""
     hardware_flops: float
     """model_flops + the recomputed forward (full recompute: the layers' forward again)."""
     compute_s: float
@@ -203,9 +203,6 @@ def project_time(spec: PlanSpec, candidate: Candidate, assumptions: Assumptions 
     dp_comm   = 2(n-1)/n x gradient bytes / bw over n = dp*cp ranks (Megatron reduces gradients over DP x CP);
                 bw = nvlink if the whole job is one node, else ib; once per step
     """
-    from megatron_solopo.bench.flops import attention_flops, linear_flops_per_token, sequence_train_flops
-    from megatron_solopo.model import get_preset
-
     preset = get_preset(spec.preset)
     a = assumptions
     seqs = sequence_lengths(spec)
@@ -235,10 +232,7 @@ def project_time(spec: PlanSpec, candidate: Candidate, assumptions: Assumptions 
     pair_s = compute_s + tp_comm_s + cp_comm_s
 
     if gradient_bytes is None:
-        from megatron_solopo.parallel.config import ParallelConfig
-        from megatron_solopo.training.memory_estimate import params_per_gpu
-
-        gradient_bytes = 4 * params_per_gpu(preset, ParallelConfig(tp=tp))
+        gradient_bytes = 4 * lower_bound.params_per_gpu(preset, ParallelConfig(tp=tp))
     n = candidate.dp * cp
     world = tp * cp * candidate.dp
     dp_bw = nvlink if world <= a.gpus_per_node else ib
@@ -256,8 +250,6 @@ def candidates(spec: PlanSpec, gpus: int, recomputes: tuple[str, ...] = ("none",
     """TP in divisors of gcd(heads, kv heads, vocab) up to min(max_tp, gpus_per_node) dividing `gpus`, CP in
     powers of two with tp*cp dividing `gpus`, DP = gpus / (tp*cp), each recompute mode; sequence parallel
     wherever TP > 1 unless `sequence_parallel` is False."""
-    from megatron_solopo.model import get_preset
-
     preset = get_preset(spec.preset)
     out = []
     limit = min(max_tp, gpus_per_node)

@@ -1,10 +1,14 @@
 """Tokenized preference pairs -> micro-batches for the model: packed (THD) or padded, CP-sharded.
 
-Input: tokenized samples (megatron_solopo/data/tokenize.py), one dict per preference pair with "id"
+Input: tokenized samples (megatron_solopo/data/tokenization.py), one dict per preference pair with "id"
 and, per role in short_chosen / short_rejected / long_chosen / long_rejected,
 f"{role}_input_ids" (list[int]) and f"{role}_loss_mask" (list[int], 1 on response tokens), plus, for
 objectives with a reference model, f"ref_{role}_logps" (float: the frozen model's response log-prob
 sum, from `solopo precompute-ref` or an online reference pass).
+
+A run builds one `Collator` (`Collator.for_model`: the parallel context, layout, micro-batch size,
+padding token, vocabulary size and the model's FP8 token multiple) and asks it for each step's
+micro-batches; `collate_microbatches` / `collate_scoring_microbatches` are the same as one call.
 
 Output: `MicroBatch` objects, each holding the sequences of `micro_batch_pairs` pairs (every role the
 objective needs, `objectives.required_sequences`: the loss couples the roles of a pair, so they are
@@ -36,6 +40,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
+from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.logprobs import ResponseRows
 from megatron_solopo.objectives import (
     SEQUENCES,
@@ -45,11 +50,13 @@ from megatron_solopo.objectives import (
     required_sequences,
 )
 from megatron_solopo.parallel.config import ParallelConfig
-from megatron_solopo.parallel.context import ParallelContext, require_parallel_context, seq_len_divisor
+from megatron_solopo.parallel.context import (ParallelContext, fp8_seq_multiple, require_parallel_context,
+                                              seq_len_divisor)
 from megatron_solopo.parallel.cp import cp_shard, cp_shard_thd
 
 __all__ = [
     "LAYOUTS",
+    "Collator",
     "MicroBatch",
     "collate_microbatches",
     "collate_scoring_microbatches",
@@ -93,7 +100,7 @@ def sequence_roles(objective: ObjectiveConfig) -> tuple[str, ...]:
 def pad_multiple(parallel: ParallelContext | ParallelConfig, pad_to_multiple_of: int = 1) -> int:
     """Every sequence (packed) or row (padded) length is padded to a multiple of this.
 
-    lcm of: the caller's multiple (16/32/128 for FP8 GEMMs, `megatron_solopo.parallel.fp8_seq_multiple`)
+    lcm of: the caller's multiple (16/32/128 for FP8 GEMMs: `Collator.for_model` applies the model's)
     applied to the local shard (times cp, times tp with sequence parallelism), 2*cp (zigzag CP chunks)
     when cp > 1, and cp*tp under sequence parallelism
     (`megatron_solopo.parallel.seq_len_divisor`, `ParallelContext.seq_len_divisor`).
@@ -189,7 +196,7 @@ def _role_arrays(sample: Mapping, role: str, where: str, vocab_size: int | None)
     ids_key, mask_key = f"{role}_input_ids", f"{role}_loss_mask"
     if ids_key not in sample or mask_key not in sample:
         raise ValueError(f"{where}: the objective scores {role!r} but the sample has no {ids_key!r}/{mask_key!r}; "
-                         "tokenize the pairs with that role (megatron_solopo.data.tokenize)")
+                         "tokenize the pairs with that role (megatron_solopo.data.tokenization)")
     input_ids, loss_mask = [int(t) for t in sample[ids_key]], [int(m) for m in sample[mask_key]]
     if len(input_ids) != len(loss_mask) or len(input_ids) < 2:
         raise ValueError(f"{where}: {ids_key} has {len(input_ids)} tokens and {mask_key} {len(loss_mask)}; they "
@@ -327,26 +334,26 @@ def _packed_seq_params(padded_lengths: list[int]):
 
 
 def _build_microbatch(samples: Sequence[Mapping], first_index: int, roles: tuple[str, ...],
-                      reference_roles: tuple[str, ...], layout: str, parallel: ParallelConfig, multiple: int,
-                      pad_token_id: int, cp_rank: int, vocab_size: int | None) -> MicroBatch:
+                      reference_roles: tuple[str, ...], collator: Collator, multiple: int) -> MicroBatch:
     sequences, chosen, rejected, refs, ids = [], [], [], {logps_key(r, True): [] for r in reference_roles}, []
     for offset, sample in enumerate(samples):
         sample_id = _sample_id(sample, first_index + offset)
         where = f"sample {sample_id!r}"
-        arrays = {role: _role_arrays(sample, role, where, vocab_size) for role in roles}
+        arrays = {role: _role_arrays(sample, role, where, collator.vocab_size) for role in roles}
         chosen.append(_response_counts(arrays, _CHOSEN_ROLES, "chosen", where))
         rejected.append(_response_counts(arrays, _REJECTED_ROLES, "rejected", where))
         for role in reference_roles:
             refs[logps_key(role, True)].append(_reference_value(sample, role, where))
         sequences.extend(arrays[role] for role in roles)
         ids.append(sample_id)
-    flat = _assemble(sequences, layout, multiple, pad_token_id)
+    layout, parallel = collator.layout, collator.parallel
+    flat = _assemble(sequences, layout, multiple, collator.pad_token_id)
     cu = [0, *itertools.accumulate(flat.padded_lengths)]
-    local = _shard(flat, layout, cp_rank, parallel.cp, cu)
+    local = _shard(flat, layout, parallel.cp_rank, parallel.config.cp, cu)
     return MicroBatch(
         sample_ids=ids, roles=roles, layout=layout, tokens=local.tokens, position_ids=local.positions,
         packed_seq_params=_packed_seq_params(flat.padded_lengths) if layout == "packed" else None,
-        rows=_response_rows(local, len(sequences), parallel),
+        rows=_response_rows(local, len(sequences), parallel.config),
         chosen_tokens=torch.tensor(chosen, dtype=torch.long), rejected_tokens=torch.tensor(rejected, dtype=torch.long),
         reference_logps={key: torch.tensor(values, dtype=torch.float32) for key, values in refs.items()},
         seq_len_tokens=flat.tokens.size(1), num_rows=flat.tokens.size(0),
@@ -355,56 +362,85 @@ def _build_microbatch(samples: Sequence[Mapping], first_index: int, roles: tuple
     )
 
 
-def collate_microbatches(samples: Sequence[Mapping], objective: ObjectiveConfig, parallel: ParallelContext,
-                         layout: str, micro_batch_pairs: int, *, pad_to_multiple_of: int = 1,
-                         pad_token_id: int = 0, vocab_size: int | None = None) -> list[MicroBatch]:
-    """Splits this data-parallel rank's pairs for one optimizer step into micro-batches.
+# ------------------------------------------------------------------------------------- the collator
+@dataclasses.dataclass(frozen=True)
+class Collator:
+    """Turns tokenized pairs into this rank's micro-batches with the settings fixed for a whole run:
+    built once (a run: `Collator.for_model`), then `microbatches(samples, objective)` at every step."""
 
-    samples: this DP rank's share of the global batch (tokenized samples, see the module docstring);
-    len(samples) must be a multiple of micro_batch_pairs. layout: "packed" | "padded"
-    (`layout_for_backend`). parallel: this rank's ParallelContext (from initialize_parallel; offline,
-    `ParallelContext.for_rank(config, cp_rank=...)`): its CP rank selects the zigzag shard.
-    pad_to_multiple_of: extra padding multiple per sequence (for FP8,
-    `megatron_solopo.parallel.fp8_seq_multiple(model.fp8, model.fp8_recipe)`: 16, 32 for mxfp8). vocab_size: if given, token ids are checked against it. Returns len(samples) // micro_batch_pairs micro-batches
-    on the CPU (the step moves them to the device).
-    """
-    roles = sequence_roles(objective)
-    reference_roles = tuple(role for role in SEQUENCES if role in required_reference_sequences(objective))
-    return _collate(samples, roles, reference_roles, parallel, layout, micro_batch_pairs, pad_to_multiple_of,
-                    pad_token_id, vocab_size)
+    parallel: ParallelContext
+    """This rank's context (initialize_parallel's; offline, `ParallelContext.for_rank(config, cp_rank=...)`):
+    its CP rank selects the zigzag shard."""
+    layout: str
+    """packed | padded (`layout_for_backend`)."""
+    micro_batch_pairs: int
+    """Preference pairs per micro-batch (all roles of a pair stay in one micro-batch)."""
+    pad_token_id: int = 0
+    """Token id of the padding (never scored)."""
+    vocab_size: int | None = None
+    """If given, every token id is checked against it (a tokenizer that does not match the model)."""
+    pad_to_multiple_of: int = 1
+    """Extra padding multiple per sequence: the FP8 GEMMs' token multiple (`for_model` sets it)."""
+
+    def __post_init__(self) -> None:
+        require_parallel_context(self.parallel, "collate_microbatches")
+        if self.layout not in LAYOUTS:
+            raise ValueError(f"layout={self.layout!r} is not one of {LAYOUTS} (see layout_for_backend)")
+        pairs = self.micro_batch_pairs
+        if isinstance(pairs, bool) or not isinstance(pairs, int) or pairs < 1:
+            raise ValueError(f"micro_batch_pairs must be a positive integer, got {pairs!r}")
+
+    @classmethod
+    def for_model(cls, model: ModelConfig, parallel: ParallelContext, layout: str, micro_batch_pairs: int, *,
+                  pad_token_id: int, vocab_size: int | None) -> Collator:
+        """The collator of a run of `model`: its sequences padded to the token multiple that the model's FP8
+        recipe needs on every rank's shard (`fp8_seq_multiple`; 1 without FP8)."""
+        return cls(parallel, layout, micro_batch_pairs, pad_token_id=pad_token_id, vocab_size=vocab_size,
+                   pad_to_multiple_of=fp8_seq_multiple(model.fp8, model.fp8_recipe))
+
+    def microbatches(self, samples: Sequence[Mapping], objective: ObjectiveConfig) -> list[MicroBatch]:
+        """This data-parallel rank's pairs for one optimizer step (tokenized samples, see the module
+        docstring; a multiple of micro_batch_pairs), split into micro-batches of every role the objective
+        scores, with its reference log-probs; on the CPU (the step moves them to the device)."""
+        roles = sequence_roles(objective)
+        reference_roles = tuple(role for role in SEQUENCES if role in required_reference_sequences(objective))
+        return self._split(samples, roles, reference_roles, allow_partial=False)
+
+    def scoring_microbatches(self, samples: Sequence[Mapping], roles: Sequence[str]) -> list[MicroBatch]:
+        """Micro-batches for `step.forward_only` (reference precompute, evaluation): the given roles only.
+
+        roles: which sequences to score, e.g. sorted(objectives.required_reference_sequences(cfg)) for the
+        reference pass (LongPO's reference scores the SHORT sequences while the policy trains on the long
+        ones). No reference log-probs are read. The last micro-batch may hold fewer than
+        micro_batch_pairs pairs.
+        """
+        unknown = [role for role in roles if role not in SEQUENCES]
+        if unknown or not roles:
+            raise ValueError(f"roles must be a non-empty subset of {SEQUENCES}, got {list(roles)}")
+        ordered = tuple(role for role in SEQUENCES if role in set(roles))
+        return self._split(samples, ordered, (), allow_partial=True)
+
+    def _split(self, samples: Sequence[Mapping], roles: tuple[str, ...], reference_roles: tuple[str, ...],
+               allow_partial: bool) -> list[MicroBatch]:
+        step = self.micro_batch_pairs
+        if not samples or (len(samples) % step and not allow_partial):
+            raise ValueError(f"{len(samples)} samples cannot be split into micro-batches of {step} pairs; "
+                             "give this rank a multiple of micro_batch_pairs (TrainConfig.num_microbatches)")
+        multiple = pad_multiple(self.parallel, self.pad_to_multiple_of)
+        return [_build_microbatch(samples[start:start + step], start, roles, reference_roles, self, multiple)
+                for start in range(0, len(samples), step)]
+
+
+def collate_microbatches(samples: Sequence[Mapping], objective: ObjectiveConfig, parallel: ParallelContext,
+                         layout: str, micro_batch_pairs: int, **options) -> list[MicroBatch]:
+    """`Collator(parallel, layout, micro_batch_pairs, **options).microbatches(samples, objective)` in one
+    call; options: the Collator's pad_token_id, vocab_size, pad_to_multiple_of. Returns
+    len(samples) // micro_batch_pairs micro-batches."""
+    return Collator(parallel, layout, micro_batch_pairs, **options).microbatches(samples, objective)
 
 
 def collate_scoring_microbatches(samples: Sequence[Mapping], roles: Sequence[str], parallel: ParallelContext,
-                                 layout: str, micro_batch_pairs: int, *, pad_to_multiple_of: int = 1,
-                                 pad_token_id: int = 0, vocab_size: int | None = None) -> list[MicroBatch]:
-    """Micro-batches for `step.forward_only` (reference precompute, evaluation): the given roles only.
-
-    roles: which sequences to score, e.g. sorted(objectives.required_reference_sequences(cfg)) for the
-    reference pass (LongPO's reference scores the SHORT sequences while the policy trains on the long
-    ones). No reference log-probs are read. The last micro-batch may hold fewer than
-    micro_batch_pairs pairs. Other arguments as in collate_microbatches.
-    """
-    unknown = [role for role in roles if role not in SEQUENCES]
-    if unknown or not roles:
-        raise ValueError(f"roles must be a non-empty subset of {SEQUENCES}, got {list(roles)}")
-    ordered = tuple(role for role in SEQUENCES if role in set(roles))
-    return _collate(samples, ordered, (), parallel, layout, micro_batch_pairs, pad_to_multiple_of, pad_token_id,
-                    vocab_size, allow_partial=True)
-
-
-def _collate(samples, roles, reference_roles, parallel, layout, micro_batch_pairs, pad_to_multiple_of, pad_token_id,
-             vocab_size, allow_partial: bool = False) -> list[MicroBatch]:
-    context = require_parallel_context(parallel, "collate_microbatches")
-    if layout not in LAYOUTS:
-        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS} (see layout_for_backend)")
-    if isinstance(micro_batch_pairs, bool) or not isinstance(micro_batch_pairs, int) or micro_batch_pairs < 1:
-        raise ValueError(f"micro_batch_pairs must be a positive integer, got {micro_batch_pairs!r}")
-    if not samples or (len(samples) % micro_batch_pairs and not allow_partial):
-        raise ValueError(f"{len(samples)} samples cannot be split into micro-batches of {micro_batch_pairs} pairs; "
-                         "give this rank a multiple of micro_batch_pairs (TrainConfig.num_microbatches)")
-    multiple = pad_multiple(context, pad_to_multiple_of)
-    return [
-        _build_microbatch(samples[start:start + micro_batch_pairs], start, roles, reference_roles, layout,
-                          context.config, multiple, pad_token_id, context.cp_rank, vocab_size)
-        for start in range(0, len(samples), micro_batch_pairs)
-    ]
+                                 layout: str, micro_batch_pairs: int, **options) -> list[MicroBatch]:
+    """`Collator(parallel, layout, micro_batch_pairs, **options).scoring_microbatches(samples, roles)` in
+    one call (options as in collate_microbatches)."""
+    return Collator(parallel, layout, micro_batch_pairs, **options).scoring_microbatches(samples, roles)

@@ -1,9 +1,13 @@
 """Megatron-Core DistributedDataParallel, optimizer and learning-rate schedule for the SoLoPO step.
 
     chunks = wrap_ddp(build_model_chunks(preset, parallel, model_cfg), use_distributed_optimizer=False)
-    optimizer = build_optimizer(chunks, lr=1e-6, weight_decay=0.0, clip_grad=1.0)
-    scheduler = build_scheduler(optimizer, total_steps=1000, warmup_steps=30, decay="cosine")
-    # or all three at once: chunks, optimizer, scheduler = build_training_objects(chunks, ...)
+    optimizer = build_optimizer(chunks, config.train)      # or build_optimizer(chunks, lr=1e-6, clip_grad=1.0)
+    scheduler = build_scheduler(optimizer, config.train, total_steps=1000)
+    # all three at once: chunks, optimizer, scheduler = build_training_objects(chunks, config.train, 1000)
+
+The optimizer and schedule settings (lr, min_lr, weight_decay, adam_beta1/2, adam_eps, clip_grad,
+warmup_steps, lr_decay, distributed_optimizer) are read from the `train` section (`TrainConfig`), the
+one place their defaults are written.
 
 `wrap_ddp` sets `calculate_per_token_loss=True` on the model config: the step's loss function returns
 a SUM over preference pairs and the pair count, and Megatron divides the summed gradients by the
@@ -14,7 +18,11 @@ follow the model's own config (TransformerConfig.bf16 / fp16), so they cannot di
 
 from __future__ import annotations
 
+import dataclasses
+
 from megatron_solopo.parallel.distributed import megatron_gloo_groups_wanted
+from megatron_solopo.parallel.shim import shim_active
+from megatron_solopo.training.config import LR_DECAYS, TrainConfig
 
 __all__ = [
     "LR_DECAYS",
@@ -25,8 +33,6 @@ __all__ = [
     "wrap_ddp",
 ]
 
-LR_DECAYS = ("cosine", "linear", "constant")
-
 
 def _model_config(chunk):
     from megatron.core.utils import get_model_config
@@ -34,18 +40,18 @@ def _model_config(chunk):
     return get_model_config(chunk)
 
 
-def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool = False, grad_reduce_in_fp32: bool = True,
-             overlap_grad_reduce: bool = False, bucket_size: int | None = None) -> list:
+def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool = TrainConfig.distributed_optimizer,
+             grad_reduce_in_fp32: bool = True, overlap_grad_reduce: bool = False, bucket_size: int | None = None
+             ) -> list:
     """Wraps each GPTModel chunk in Megatron-Core DistributedDataParallel (grads in `param.main_grad`).
 
-    use_distributed_optimizer: lay the grad buffers out for the distributed optimizer (ZeRO-1; must
-    match build_optimizer's flag). grad_reduce_in_fp32: keep and all-reduce grads in fp32 (bf16
+    use_distributed_optimizer: lay the grad buffers out for the distributed optimizer (ZeRO-1;
+    build_optimizer follows them; default: train.distributed_optimizer's). grad_reduce_in_fp32: keep and all-reduce grads in fp32 (bf16
     models). overlap_grad_reduce: overlap the DP reduction with the backward (GPU only: it needs CUDA
     streams). bucket_size: elements per reduction bucket (None = Megatron's default).
     """
     from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 
-    from megatron_solopo.parallel.shim import shim_active
 
     if not model_chunks:
         raise ValueError("wrap_ddp needs at least one model chunk")
@@ -68,16 +74,18 @@ def wrap_ddp(model_chunks: list, *, use_distributed_optimizer: bool = False, gra
     return wrapped
 
 
-def build_optimizer(model_chunks: list, *, lr: float, min_lr: float = 0.0, weight_decay: float = 0.0,
-                    adam_beta1: float = 0.9,
-                    adam_beta2: float = 0.95, adam_eps: float = 1e-8, clip_grad: float = 1.0,
-                    use_distributed_optimizer: bool = False):
+def build_optimizer(model_chunks: list, train: TrainConfig | None = None, *,
+                    use_distributed_optimizer: bool | None = None, **train_fields):
     """Megatron-Core optimizer over DDP-wrapped chunks (`get_megatron_optimizer`).
 
     AdamW (decoupled weight decay, not applied to norms/biases; fused TE/apex kernels when installed,
-    else torch's). lr / min_lr: peak and final learning rate of the schedule (build_scheduler reads
-    them from here). clip_grad: global L2-norm clipping over all ranks, 0 disables. Precision (bf16/fp16 with fp32 master weights) follows
-    the model config. Also sets config.finalize_model_grads_func and config.grad_scale_func.
+    else torch's) with train.lr / min_lr (peak and final learning rate of the schedule: build_scheduler
+    reads them from here), weight_decay, adam_beta1/2, adam_eps and clip_grad (global L2-norm clipping
+    over all ranks, 0 disables). train: the `train` section (None: TrainConfig's defaults); train_fields
+    replace some of its fields by name (e.g. lr=1e-6), for callers without a config. The distributed
+    optimizer (ZeRO-1) is used when the chunks were wrapped for it (wrap_ddp); use_distributed_optimizer,
+    if given, must say the same. Precision (bf16/fp16 with fp32 master weights) follows the model
+    config. Also sets config.finalize_model_grads_func and config.grad_scale_func.
     """
     from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
@@ -85,20 +93,17 @@ def build_optimizer(model_chunks: list, *, lr: float, min_lr: float = 0.0, weigh
     if not all(isinstance(chunk, DistributedDataParallel) for chunk in model_chunks):
         raise TypeError("build_optimizer needs the chunks returned by wrap_ddp: Megatron's optimizer reads "
                         "param.main_grad, which only DistributedDataParallel fills")
-    if not lr > 0:
-        raise ValueError(f"lr must be > 0, got {lr}")
-    if not 0 <= min_lr <= lr:
-        raise ValueError(f"min_lr={min_lr} must be in [0, lr={lr}]")
+    train = dataclasses.replace(train or TrainConfig(), **train_fields)  # validates the replaced fields
+    distributed = model_chunks[0].ddp_config.use_distributed_optimizer
+    if use_distributed_optimizer is not None and use_distributed_optimizer != distributed:
+        raise ValueError(f"use_distributed_optimizer={use_distributed_optimizer} but the chunks were wrapped with "
+                         f"wrap_ddp(use_distributed_optimizer={distributed}); pass the same value to both")
     config = _model_config(model_chunks[0])
     opt_config = OptimizerConfig(
-        optimizer="adam", lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
-        adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad,
-        bf16=bool(config.bf16), fp16=bool(config.fp16), params_dtype=config.params_dtype,
-        use_distributed_optimizer=use_distributed_optimizer)
-    ddp_flag = model_chunks[0].ddp_config.use_distributed_optimizer
-    if ddp_flag != use_distributed_optimizer:
-        raise ValueError(f"use_distributed_optimizer={use_distributed_optimizer} but the chunks were wrapped with "
-                         f"wrap_ddp(use_distributed_optimizer={ddp_flag}); pass the same value to both")
+        optimizer="adam", lr=train.lr, min_lr=train.min_lr, weight_decay=train.weight_decay,
+        adam_beta1=train.adam_beta1, adam_beta2=train.adam_beta2, adam_eps=train.adam_eps,
+        clip_grad=train.clip_grad, bf16=bool(config.bf16), fp16=bool(config.fp16), params_dtype=config.params_dtype,
+        use_distributed_optimizer=distributed)
     # Megatron's gloo side groups exist only when the main backend is NCCL (initialize_parallel)
     megatron_optimizer = get_megatron_optimizer(opt_config, model_chunks,
                                                 use_gloo_process_groups=megatron_gloo_groups_wanted())
@@ -109,9 +114,9 @@ def build_optimizer(model_chunks: list, *, lr: float, min_lr: float = 0.0, weigh
     return megatron_optimizer
 
 
-def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, decay: str = "cosine"):
-    """Megatron's OptimizerParamScheduler: linear warmup 0 -> lr over `warmup_steps`, then `decay`
-    (cosine | linear | constant) to min_lr at `total_steps`; constant weight decay.
+def build_scheduler(optimizer, train: TrainConfig, total_steps: int):
+    """Megatron's OptimizerParamScheduler: linear warmup 0 -> lr over train.warmup_steps, then
+    train.lr_decay (cosine | linear | constant) to min_lr at `total_steps`; constant weight decay.
 
     lr, min_lr and weight_decay are those given to build_optimizer (Megatron's param groups carry
     max_lr/min_lr, which override the scheduler's own values, so they are read from there: one source).
@@ -124,8 +129,7 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, decay
     """
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
-    if decay not in LR_DECAYS:
-        raise ValueError(f"decay={decay!r} is not one of {LR_DECAYS}")
+    warmup_steps, decay = train.warmup_steps, train.lr_decay  # decay: checked by TrainConfig
     if total_steps < 1 or warmup_steps < 0 or warmup_steps >= total_steps:
         raise ValueError(f"need 0 <= warmup_steps ({warmup_steps}) < total_steps ({total_steps})")
     config = optimizer.config
@@ -136,18 +140,14 @@ def build_scheduler(optimizer, *, total_steps: int, warmup_steps: int = 0, decay
         wd_incr_style="constant", use_checkpoint_opt_param_scheduler=False, override_opt_param_scheduler=True)
 
 
-def build_training_objects(model_chunks: list, *, lr: float, total_steps: int, warmup_steps: int = 0,
-                           min_lr: float = 0.0, decay: str = "cosine", weight_decay: float = 0.0,
-                           adam_beta1: float = 0.9, adam_beta2: float = 0.95, adam_eps: float = 1e-8,
-                           clip_grad: float = 1.0, use_distributed_optimizer: bool = False,
+def build_training_objects(model_chunks: list, train: TrainConfig, total_steps: int, *,
                            overlap_grad_reduce: bool = False):
-    """wrap_ddp + build_optimizer + build_scheduler with one set of arguments; returns (chunks, optimizer, scheduler)."""
-    chunks = wrap_ddp(model_chunks, use_distributed_optimizer=use_distributed_optimizer,
+    """wrap_ddp + build_optimizer + build_scheduler from the `train` section; returns (chunks, optimizer,
+    scheduler). overlap_grad_reduce: see wrap_ddp (GPU only)."""
+    chunks = wrap_ddp(model_chunks, use_distributed_optimizer=train.distributed_optimizer,
                       overlap_grad_reduce=overlap_grad_reduce)
-    megatron_optimizer = build_optimizer(chunks, lr=lr, min_lr=min_lr, weight_decay=weight_decay, adam_beta1=adam_beta1,
-                                         adam_beta2=adam_beta2, adam_eps=adam_eps, clip_grad=clip_grad,
-                                         use_distributed_optimizer=use_distributed_optimizer)
-    scheduler = build_scheduler(megatron_optimizer, total_steps=total_steps, warmup_steps=warmup_steps, decay=decay)
+    megatron_optimizer = build_optimizer(chunks, train)
+    scheduler = build_scheduler(megatron_optimizer, train, total_steps)
     return chunks, megatron_optimizer, scheduler
 
 

@@ -1,7 +1,7 @@
 """`die_with_parent`: run in a helper process so that it ends when the process that started it ends.
 
 Kept in its own module without heavy imports: it is the initializer of a spawned process (the
-dist_checkpointing writer's multiprocessing Manager, training/checkpointing.py), which imports the
+dist_checkpointing writer's multiprocessing Manager, training/run_state.py), which imports the
 module that defines it.
 """
 

@@ -38,10 +38,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
+from megatron_solopo.checkpoint import loader
 from megatron_solopo.model.config import LogprobHeadConfig
 from megatron_solopo.objectives import ObjectiveConfig, logps_key, required_reference_sequences
 from megatron_solopo.objectives.config import SEQUENCES
-from megatron_solopo.parallel.context import ParallelContext, fp8_seq_multiple
+from megatron_solopo.parallel import destroy_parallel, initialize_parallel
+from megatron_solopo.parallel.context import ParallelContext
+from megatron_solopo.training import run_inputs
+from megatron_solopo.training.batching import Collator, resolve_layout
+from megatron_solopo.training.step import forward_only
 
 if TYPE_CHECKING:
     from megatron_solopo.config import ExperimentConfig
@@ -205,18 +210,13 @@ class ReferenceScorer:
     """Scores pairs with a frozen model: the precompute pass and train.reference=online.
 
     chunks: GPTModel chunks of the frozen model (not DDP-wrapped), roles: the roles to score,
-    parallel: the ParallelContext from initialize_parallel, pad_to_multiple_of: the FP8 token multiple
-    (`fp8_seq_multiple(model.fp8, model.fp8_recipe)`; 1 without FP8).
+    collator: the run's (`batching.Collator.for_model`: its parallel context, layout, micro-batch size
+    and padding, FP8's included).
     """
 
     chunks: list
     roles: tuple[str, ...]
-    parallel: ParallelContext
-    layout: str
-    micro_batch_pairs: int
-    pad_token_id: int
-    vocab_size: int
-    pad_to_multiple_of: int = 1
+    collator: Collator
     head: LogprobHeadConfig | None = None
     """The LM head's chunking/recompute (`model.logprob_head`); None = its defaults."""
 
@@ -226,15 +226,13 @@ class ReferenceScorer:
             for param in chunk.parameters():
                 param.requires_grad_(False)
 
+    @property
+    def parallel(self) -> ParallelContext:
+        return self.collator.parallel
+
     def score(self, samples: Sequence[Mapping]) -> dict[str, dict[str, float]]:
         """{sample_id: {role: log-prob sum}} for this DP rank's `samples` (a multiple of micro_batch_pairs)."""
-        from megatron_solopo.training.batching import collate_scoring_microbatches
-        from megatron_solopo.training.step import forward_only
-
-        microbatches = collate_scoring_microbatches(samples, self.roles, self.parallel, self.layout,
-                                                    self.micro_batch_pairs, pad_token_id=self.pad_token_id,
-                                                    vocab_size=self.vocab_size,
-                                                    pad_to_multiple_of=self.pad_to_multiple_of)
+        microbatches = self.collator.scoring_microbatches(samples, self.roles)
         return forward_only(self.chunks, microbatches, self.parallel, head=self.head)
 
     def annotate(self, samples: list[dict]) -> list[dict]:
@@ -253,7 +251,7 @@ def score_dataset(scorer: ReferenceScorer, dataset, group_pairs: int, progress: 
     mine = list(range(dp_rank, len(dataset), dp_size))
     per_rank = -(-len(dataset) // dp_size)
     # every rank runs the same number of groups, each a multiple of micro_batch_pairs: repeat the last pair
-    step = scorer.micro_batch_pairs
+    step = scorer.collator.micro_batch_pairs
     padded_len = -(-per_rank // step) * step
     mine += [mine[-1] if mine else 0] * (padded_len - len(mine))
     scores: dict[str, dict[str, float]] = {}
@@ -298,11 +296,6 @@ def precompute_reference(config: ExperimentConfig, output: str | os.PathLike | N
     table is kept: reused when it is this dataset's and model's (nothing computed), refused
     (ReferenceMismatchError, before the model is loaded) when it belongs to other pairs or another model.
     """
-    from megatron_solopo.parallel import destroy_parallel, initialize_parallel
-    from megatron_solopo.checkpoint import loader
-    from megatron_solopo.training import runtime
-    from megatron_solopo.training.batching import resolve_layout
-
     roles = reference_roles(config.objective)
     if not roles:
         raise ValueError(f"objective {config.objective.name!r} (mode {config.objective.mode!r}) is reference-free: "
@@ -312,28 +305,27 @@ def precompute_reference(config: ExperimentConfig, output: str | os.PathLike | N
     parallel = initialize_parallel(config.parallel, seed=config.train.seed)
     try:
         preset = loader.resolve_preset(config.model)
-        tokenizer = runtime.load_run_tokenizer(config.model, preset)
-        dataset = runtime.load_dataset(config.data, tokenizer)
+        tokenizer = run_inputs.load_run_tokenizer(config.model, preset)
+        dataset = run_inputs.load_dataset(config.data, tokenizer)
         path = pathlib.Path(output) if output else resolve_reference_path(config.train, config.data)
         if path.exists() and not overwrite:
-            existing = _existing_table(path, dataset, roles, runtime.model_identity(config.model, preset))
+            existing = _existing_table(path, dataset, roles, run_inputs.model_identity(config.model, preset))
             return {"path": str(path), "count": existing.count, "roles": list(existing.roles),
                     "seconds": time.perf_counter() - start, "hash": existing.hash, "reused": True}
-        chunks = runtime.build_initial_model(config.model, config.parallel, preset)
-        layout = resolve_layout(config.train.layout, runtime.attention_backend_of(chunks))
-        scorer = ReferenceScorer(chunks, roles, parallel, layout, config.train.micro_batch_pairs,
-                                 runtime.pad_token_id(tokenizer), preset.vocab_size,
-                                 pad_to_multiple_of=fp8_seq_multiple(config.model.fp8, config.model.fp8_recipe),
-                                 head=config.model.logprob_head)
+        chunks = run_inputs.build_initial_model(config.model, config.parallel, preset)
+        layout = resolve_layout(config.train.layout, run_inputs.attention_backend_of(chunks))
+        collator = Collator.for_model(config.model, parallel, layout, config.train.micro_batch_pairs,
+                                      pad_token_id=run_inputs.pad_token_id(tokenizer), vocab_size=preset.vocab_size)
+        scorer = ReferenceScorer(chunks, roles, collator, head=config.model.logprob_head)
         group = config.train.micro_batch_pairs * max(8, 2 * config.parallel.pp)
         by_role = score_dataset(scorer, dataset, group, progress=progress)
         logps = {role: torch.tensor(values, dtype=torch.float32) for role, values in by_role.items()}
         table = ReferenceTable(roles=roles, ids=list(dataset["id"]), logps=logps,
                                dataset_hash=dataset_fingerprint(dataset, roles),
-                               model_identity=runtime.model_identity(config.model, preset))
-        if runtime.is_rank0():
+                               model_identity=run_inputs.model_identity(config.model, preset))
+        if run_inputs.is_rank0():
             table.to_file(path)
-        runtime.barrier()
+        run_inputs.barrier()
         return {"path": str(path), "count": table.count, "roles": list(roles),
                 "seconds": time.perf_counter() - start, "hash": table.hash, "reused": False}
     finally:

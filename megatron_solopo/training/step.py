@@ -3,22 +3,22 @@
 API (what the run loop calls)
 -----------------------------
     from megatron_solopo.training.optim import build_training_objects        # DDP, optimizer, schedule
-    from megatron_solopo.training.batching import (collate_microbatches, collate_scoring_microbatches,
-                                                   layout_for_backend)
+    from megatron_solopo.training.batching import Collator, layout_for_backend
     from megatron_solopo.training.step import train_step, forward_only
 
     parallel = initialize_parallel(parallel_config)    # ParallelContext: sizes, ranks, groups
-    chunks, optimizer, scheduler = build_training_objects(build_model_chunks(preset, parallel, ...), lr=...,
-                                                          total_steps=...)
-    microbatches = collate_microbatches(samples_of_this_dp_rank, objective_cfg, parallel,
-                                        layout_for_backend(backend), micro_batch_pairs)
+    chunks, optimizer, scheduler = build_training_objects(build_model_chunks(preset, parallel, ...),
+                                                          train_cfg, total_steps)
+    collator = Collator.for_model(model_cfg, parallel, layout_for_backend(backend), micro_batch_pairs,
+                                  pad_token_id=..., vocab_size=...)          # once per run
+    microbatches = collator.microbatches(samples_of_this_dp_rank, objective_cfg)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective_cfg, parallel, step_index)
     result.loss, result.metrics, result.grad_norm, result.lr, result.num_pairs, result.num_tokens
     # diagnostics=True adds diag/* (mean log-probs, pushes); ra_grad_share=True (solo) the RA gradient share
     # through one extra forward/backward (training/diagnostics.py); the update is the same either way
 
     # reference precompute / eval: score any roles, no gradients
-    scoring = collate_scoring_microbatches(samples, reference_roles, parallel, layout, micro_batch_pairs)
+    scoring = collator.scoring_microbatches(samples, reference_roles)
     logps = forward_only(frozen_chunks, scoring, parallel)   # {sample_id: {role: log-prob sum}}
 
 `train_step` raises `NonFiniteLossError` (on every rank, before the optimizer step) when a loss or
@@ -78,6 +78,7 @@ from megatron_solopo.model.logprobs import LogprobHeadConfig, make_output_proces
 from megatron_solopo.objectives import COUNT_METRICS, ObjectiveConfig, objective_loss
 from megatron_solopo.parallel.context import ParallelContext, require_parallel_context
 from megatron_solopo.parallel.cp import cp_all_reduce_sum
+from megatron_solopo.parallel.device import compute_device
 from megatron_solopo.training.batching import MicroBatch
 from megatron_solopo.training.diagnostics import (
     capture_gradient,
@@ -87,6 +88,7 @@ from megatron_solopo.training.diagnostics import (
     sequence_diagnostics,
 )
 from megatron_solopo.training.optim import current_lr
+from megatron_solopo.training.run_state import capture_rng_state, restore_rng_state
 
 __all__ = [
     "NonFiniteGradError",
@@ -173,8 +175,6 @@ class _StepState:
 
 
 def _device() -> torch.device:
-    from megatron_solopo.parallel.device import compute_device
-
     return compute_device()
 
 
@@ -352,7 +352,7 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
 
     model_chunks: from optim.wrap_ddp (DDP-wrapped GPTModel chunks); optimizer/scheduler from
     optim.build_optimizer / build_scheduler (scheduler may be None: constant lr); microbatches: this
-    DP rank's share of the global batch (collate_microbatches), the same list on every TP/PP/CP rank
+    DP rank's share of the global batch (Collator.microbatches), the same list on every TP/PP/CP rank
     of the replica; parallel: the ParallelContext from initialize_parallel. The loss is the mean over the
     global batch's pairs (module docstring). Collective: every rank of the job calls it with the same
     number of micro-batches per pipeline.
@@ -412,8 +412,6 @@ def _po_gradient(model_chunks: list, optimizer, microbatches: list[MicroBatch], 
     """g_PO: the gradient of solo mode's loss without its RA term, through the same schedule, DDP reduction
     and 1 / pair count as the step (host copy). The RNG states are put back afterwards, so the real pass
     draws what it would have drawn without this one (dropout masks)."""
-    from megatron_solopo.training.checkpointing import capture_rng_state, restore_rng_state
-
     rng = capture_rng_state()
     try:
         _zero_grads(model_chunks, optimizer)

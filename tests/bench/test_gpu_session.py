@@ -24,8 +24,8 @@ import time
 
 import pytest
 
-from megatron_solopo.bench import probes, session
-from megatron_solopo.bench.session import CAPS_BUDGET_S, Step, base_plan, check_plan, te_plan
+from megatron_solopo.bench import gpu_session as session, probes
+from megatron_solopo.bench.gpu_session import CAPS_BUDGET_S, Step, base_plan, check_plan, te_plan
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 BASE_ORDER = ["install", "env", "gpu-tests", "headline", "probe-long-max", "probe-solo-max", "probe-long-over",
@@ -268,7 +268,7 @@ def test_the_live_junit_file_holds_each_test_as_soon_as_it_ends(tmp_path):
     assert "assert (2 + 2) == 5" in cases["test_third_fails"]["message"] or "assert 4 == 5" in \
         cases["test_third_fails"]["message"]
     assert cases["test_fourth_skips"]["message"] == "no TE here"
-    from megatron_solopo.bench.session_report import junit_summary
+    from megatron_solopo.bench.gpu_session_report import junit_summary
 
     assert junit_summary(live)["counts"] == {"passed": 2, "failed": 1, "error": 0, "skipped": 1}
 
@@ -332,7 +332,7 @@ def test_the_simulated_session_prints_every_figure_its_files_hold(simulated):
 
 
 def test_the_report_of_the_simulated_session_says_it_is_simulated(simulated, tmp_path):
-    from megatron_solopo.bench.session_report import build_report
+    from megatron_solopo.bench.gpu_session_report import build_report
 
     out, _, _ = simulated
     result = build_report(out, tmp_path / "results")
@@ -348,7 +348,7 @@ def test_the_report_of_the_simulated_session_says_it_is_simulated(simulated, tmp
 
 def test_sigterm_stops_the_session_saves_and_packs(tmp_path):
     out = tmp_path / "out"
-    proc = subprocess.Popen([sys.executable, "-m", "megatron_solopo.bench.session", "--run", "--simulate", "--out",
+    proc = subprocess.Popen([sys.executable, "-m", "megatron_solopo.bench.gpu_session", "--run", "--simulate", "--out",
                              str(out), "--work", str(tmp_path / "work")], cwd=ROOT, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     deadline = time.monotonic() + 120
@@ -483,7 +483,7 @@ def _fake_out(root: pathlib.Path) -> pathlib.Path:
 
 
 def test_report_turns_the_returned_files_into_a_results_folder_and_a_readme_block(tmp_path):
-    from megatron_solopo.bench.session_report import build_report
+    from megatron_solopo.bench.gpu_session_report import build_report
 
     files = _fake_out(tmp_path)
     readme = tmp_path / "README.md"
@@ -519,7 +519,7 @@ def test_report_turns_the_returned_files_into_a_results_folder_and_a_readme_bloc
 
 
 def test_report_of_an_older_session_without_session_json_still_works(tmp_path):
-    from megatron_solopo.bench.session_report import build_report
+    from megatron_solopo.bench.gpu_session_report import build_report
 
     files = tmp_path / "files"
     (files / "bench").mkdir(parents=True)
@@ -537,7 +537,7 @@ def test_report_of_an_older_session_without_session_json_still_works(tmp_path):
 
 
 def test_report_without_session_files_is_a_clear_error(tmp_path):
-    from megatron_solopo.bench.session_report import build_report
+    from megatron_solopo.bench.gpu_session_report import build_report
 
     with pytest.raises(ValueError, match="session.json"):
         build_report(tmp_path, tmp_path / "results")

@@ -131,10 +131,10 @@ def test_a_te_like_checkpoint_loads_into_a_model_without_te(parallel, tmp_path):
 
 
 def test_resume_loads_a_checkpoint_written_without_te(parallel, tmp_path):
-    """training.checkpointing's resume path uses the same tolerant load for the model."""
+    """training.run_state's resume path uses the same tolerant load for the model."""
     import inspect
 
-    from megatron_solopo.training import checkpointing
+    from megatron_solopo.training import run_state
 
-    source = inspect.getsource(checkpointing.load_checkpoint)
+    source = inspect.getsource(run_state.load_checkpoint)
     assert "load_tolerating_extra_state" in source and "load_module_state" in source

@@ -75,12 +75,11 @@ def _megatron_default_logits(rank, world_size, hf_dir, mcore_dir, tokens):
                 for m in (from_hf, from_ckpt)]
 
 
-@pytest.mark.skipif(not default_model_available(), reason="default model not in the cache; run "
-                    "`solopo fetch-default-model` once (this test never downloads)")
-def test_default_model_megatron_logits_match_hf():
+@pytest.mark.real_model
+def test_default_model_megatron_logits_match_hf(real_model_dirs):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    hf_dir, mcore_dir = default_model_dirs()
+    hf_dir, mcore_dir = real_model_dirs
     tokenizer = AutoTokenizer.from_pretrained(hf_dir)
     messages = [{"role": "user", "content": "In what year was the university that owns The Sentinel founded?"}]
     text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)

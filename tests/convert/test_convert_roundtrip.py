@@ -234,7 +234,7 @@ def runs(hf_models, tokens, tmp_path_factory):
 
 
 def _read_all(path):
-    from megatron_solopo.convert.hf_io import HFCheckpointReader
+    from megatron_solopo.model.hf.safetensors_io import HFCheckpointReader
 
     with HFCheckpointReader(path) as reader:
         return {name: reader.read(name) for name in reader.names()}

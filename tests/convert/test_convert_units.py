@@ -6,23 +6,13 @@ import json
 import pytest
 import torch
 
-from megatron_solopo.convert.hf_io import HFCheckpointReader, HFShardWriter, copy_hf_assets, parse_size
-from megatron_solopo.convert.mappings import (
-    LLAMA,
-    QWEN2,
-    Direct,
-    FusedGateUp,
-    FusedQKV,
-    Geometry,
-    OutputLayer,
-    te_alias,
-)
-from megatron_solopo.convert.presets_from_hf import (
-    UnsupportedHFConfig,
-    hf_config_from_preset,
-    infer_preset_from_hf,
-)
+from megatron_solopo.model.families import get_family, registered_families
+from megatron_solopo.model.families.tables import Direct, FusedGateUp, FusedQKV, Geometry, OutputLayer, te_alias
+from megatron_solopo.model.hf.config import UnsupportedHFConfig, hf_config_from_preset, infer_preset_from_hf
+from megatron_solopo.model.hf.safetensors_io import HFCheckpointReader, HFShardWriter, copy_hf_assets, parse_size
 from megatron_solopo.model.presets import get_preset, list_presets
+
+LLAMA, QWEN2 = get_family("llama").weights, get_family("qwen2").weights
 
 
 class DictReader:
@@ -292,7 +282,7 @@ def test_rope_parameters_resolve_as_transformers_does(layout):
 
     from transformers import LlamaConfig
 
-    from megatron_solopo.convert.presets_from_hf import hf_rope_parameters
+    from megatron_solopo.model.hf.config import hf_rope_parameters
 
     base = {k: v for k, v in LLAMA31_8B_V4.items() if k not in ("rope_theta", "rope_scaling")}
     config = {**base, "max_position_embeddings": 131072, **layout}
@@ -313,12 +303,10 @@ def test_rope_scaling_beside_default_rope_parameters_is_not_plain_rope():
 def test_docs_list_every_mapping():
     import pathlib
 
-    from megatron_solopo.convert.mappings import ARCHITECTURE_MAPPINGS
-
     doc = (pathlib.Path(__file__).parents[2] / "docs" / "conversion.md").read_text()
-    for mapping in ARCHITECTURE_MAPPINGS.values():
-        assert f"`{mapping.hf_architecture}`" in doc
-        for entry in (*mapping.global_mappings, *mapping.layer_mappings):
+    for family in registered_families():
+        assert f"`{family.hf_architecture}`" in doc and f"`{family.name}`" in doc
+        for entry in (*family.weights.global_mappings, *family.weights.layer_mappings):
             names = [entry.mcore, *entry.hf_names(tied=False)]
             for name in names:
                 documented = name.replace("{layer}", "{L}")
@@ -375,24 +363,24 @@ def _tiny_preset(tied=True):
 def test_file_contents_are_checked_against_the_table(tmp_path, change, tied, message):
     from safetensors.torch import save_file
 
-    from megatron_solopo.convert.hf_to_mcore import check_hf_names
+    from megatron_solopo.model.hf.loading import check_hf_names
 
     tensors = {**_tiny_hf_tensors(), **change}
     save_file({k: v for k, v in tensors.items() if v is not None}, str(tmp_path / "model.safetensors"))
     with HFCheckpointReader(tmp_path) as reader, pytest.raises(ValueError, match=message):
-        check_hf_names(reader, LLAMA, _tiny_preset(tied))
+        check_hf_names(reader, _tiny_preset(tied))
 
 
 def test_tied_checkpoint_storing_the_embedding_as_lm_head_is_accepted(tmp_path):
     from safetensors.torch import save_file
 
-    from megatron_solopo.convert.hf_to_mcore import check_hf_names
+    from megatron_solopo.model.hf.loading import check_hf_names
 
     tensors = _tiny_hf_tensors()
     tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
     save_file(tensors, str(tmp_path / "model.safetensors"))
     with HFCheckpointReader(tmp_path) as reader:
-        check_hf_names(reader, LLAMA, _tiny_preset(tied=True))
+        check_hf_names(reader, _tiny_preset(tied=True))
 
 
 def test_te_spec_names_load_and_export(tmp_path):

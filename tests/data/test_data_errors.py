@@ -208,7 +208,7 @@ def test_example_configs_load_and_the_sample_config_matches():
         config_module.experiment_config_class()
     except ImportError as err:
         pytest.skip(f"experiment config incomplete: {err}")
-    from megatron_solopo.data.sample import sample_config
+    from megatron_solopo.data.bundled import sample_config
 
     examples = sorted((pathlib.Path(__file__).parents[2] / "examples" / "configs" / "data").glob("*.yaml"))
     assert len(examples) >= 4

@@ -11,7 +11,7 @@ from megatron_solopo.data.records import read_pair_records
 from megatron_solopo.data.sampling import (HFBackend, SamplingRequest, SamplingSettings, SamplingStats, ScriptedBackend,
                                            sample_responses)
 from megatron_solopo.data.scoring import score_response
-from megatron_solopo.data.tokenize import load_tokenized_pairs
+from megatron_solopo.data.tokenization import load_tokenized_pairs
 
 
 def _settings(n=3, seed=0, model_id="tiny"):
@@ -132,28 +132,28 @@ def test_sampling_resumes_after_a_crash(hf_backend, tmp_path):
     assert calls == [1, 1, 1]
 
 
-def test_sampling_stats_count_only_what_this_call_sampled(tiny_tokenizer, synthetic_items, tmp_path):
-    from megatron_solopo.data.tokenize import prompt_token_ids
+def test_sampling_stats_count_only_what_this_call_sampled(data_tokenizer, synthetic_items, tmp_path):
+    from megatron_solopo.data.tokenization import prompt_token_ids
 
     requests = [SamplingRequest(item.id, f"Q: {item.question}", item) for item in synthetic_items[:3]]
     settings = SamplingSettings(num_responses=4, temperature=1.0, top_p=1.0, max_new_tokens=6, seed=0,
                                 system_prompt=None, use_chat_template=False, model_id="scripted")
     path, backend = tmp_path / "samples.jsonl", ScriptedBackend()
-    prompt_lengths = [len(prompt_token_ids(tiny_tokenizer, r.prompt, None, False)) for r in requests]
+    prompt_lengths = [len(prompt_token_ids(data_tokenizer, r.prompt, None, False)) for r in requests]
 
     def response_tokens(out, ids):
-        return sum(len(tiny_tokenizer(t, add_special_tokens=False)["input_ids"]) for i in ids for t in out[i])
+        return sum(len(data_tokenizer(t, add_special_tokens=False)["input_ids"]) for i in ids for t in out[i])
 
     first = SamplingStats()
-    out = sample_responses(requests[:2], backend, settings, path, progress=False, stats=first, tokenizer=tiny_tokenizer)
+    out = sample_responses(requests[:2], backend, settings, path, progress=False, stats=first, tokenizer=data_tokenizer)
     assert (first.questions, first.prompt_tokens) == (2, sum(prompt_lengths[:2]))
     assert first.generated_tokens == response_tokens(out, [r.id for r in requests[:2]]) > 0
     second = SamplingStats()  # two of three already in samples.jsonl: only the third is counted
-    out = sample_responses(requests, backend, settings, path, progress=False, stats=second, tokenizer=tiny_tokenizer)
+    out = sample_responses(requests, backend, settings, path, progress=False, stats=second, tokenizer=data_tokenizer)
     assert (second.questions, second.prompt_tokens) == (1, prompt_lengths[2])
     assert second.generated_tokens == response_tokens(out, [requests[2].id])
     third = SamplingStats()
-    sample_responses(requests, backend, settings, path, progress=False, stats=third, tokenizer=tiny_tokenizer)
+    sample_responses(requests, backend, settings, path, progress=False, stats=third, tokenizer=data_tokenizer)
     assert third.as_dict()["sampled_questions_now"] == 0 and third.as_dict()["prompt_tokens_per_s"] == 0.0
     with pytest.raises(ValueError, match="needs the tokenizer"):
         sample_responses(requests, backend, settings, path, progress=False, stats=SamplingStats())
@@ -165,9 +165,9 @@ def _pipeline_config(tmp_path, **changes):
     return DataConfig(**{**base, **changes})
 
 
-def test_build_data_end_to_end_scripted(tiny_tokenizer, tmp_path):
+def test_build_data_end_to_end_scripted(data_tokenizer, tmp_path):
     config = _pipeline_config(tmp_path)
-    summary = build_data(config, tiny_tokenizer, ScriptedBackend(), "scripted", progress=False)
+    summary = build_data(config, data_tokenizer, ScriptedBackend(), "scripted", progress=False)
     counts = summary["counts"]
     records = read_pair_records(config.resolved_pairs_path)  # validates every record
     assert counts["pairs_written"] == len(records) > 0
@@ -185,26 +185,26 @@ def test_build_data_end_to_end_scripted(tiny_tokenizer, tmp_path):
     assert (tmp_path / "out" / "summary.png").read_bytes()[:4] == b"\x89PNG"
     # same config -> identical pairs (sampling is reused from samples.jsonl, contexts are seeded)
     first = (tmp_path / "out" / "pairs.jsonl").read_text()
-    build_data(config, tiny_tokenizer, ScriptedBackend(), "scripted", progress=False)
+    build_data(config, data_tokenizer, ScriptedBackend(), "scripted", progress=False)
     assert (tmp_path / "out" / "pairs.jsonl").read_text() == first
-    dataset = load_tokenized_pairs(config.resolved_pairs_path, tiny_tokenizer, config)
+    dataset = load_tokenized_pairs(config.resolved_pairs_path, data_tokenizer, config)
     assert len(dataset) == len(records)
 
 
-def test_build_data_counts_context_skips(tiny_tokenizer, tmp_path):
+def test_build_data_counts_context_skips(data_tokenizer, tmp_path):
     config = _pipeline_config(tmp_path, short_max_tokens=380, synthetic_num_items=12)
-    summary = build_data(config, tiny_tokenizer, ScriptedBackend(), "scripted", progress=False)
+    summary = build_data(config, data_tokenizer, ScriptedBackend(), "scripted", progress=False)
     skipped = summary["counts"]["context_skipped"]
     assert skipped.get("short_context_over_budget", 0) > 0
     assert summary["counts"]["sampled_questions"] == 12 - sum(skipped.values())
 
 
-def test_build_data_with_hf_sampling(tiny_tokenizer, hf_backend, tmp_path):
+def test_build_data_with_hf_sampling(data_tokenizer, hf_backend, tmp_path):
     """The tiny random model almost never answers correctly: every question is dropped as no_correct."""
     config = _pipeline_config(tmp_path, synthetic_num_items=2, num_responses=2, sampling_backend="hf",
                               max_new_tokens=4, long_target_tokens=[600])
     with pytest.raises(ValueError, match=r"no preference pair: every question was dropped \(\{'no_correct': 2\}\)"):
-        build_data(config, tiny_tokenizer, hf_backend, "tiny", progress=False)
+        build_data(config, data_tokenizer, hf_backend, "tiny", progress=False)
     rows = (tmp_path / "out" / "samples.jsonl").read_text().splitlines()
     assert len(rows) == 2  # the samples survive for inspection and reuse
 

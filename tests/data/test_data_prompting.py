@@ -8,7 +8,7 @@ from megatron_solopo.data.contexts import WORKED_EXAMPLES, ContextTemplates, con
 from megatron_solopo.data.pairs import PairChoice, select_pair
 from megatron_solopo.data.sampling import SamplingSettings
 from megatron_solopo.data.scoring import extract_final_answer, score_response
-from megatron_solopo.data.tokenize import prompt_token_ids
+from megatron_solopo.data.tokenization import prompt_token_ids
 from megatron_solopo.eval.metrics import score_prediction
 
 COPIED = ("The mayor of the capital of Siarpuistan is Liv Stiajei, and the official language of "
@@ -29,17 +29,17 @@ def test_worked_examples_use_the_prompt_templates_and_end_in_an_answer_line():
         prompt_examples(len(WORKED_EXAMPLES) + 1, templates)
 
 
-def test_examples_come_before_the_question_as_earlier_turns(tiny_tokenizer):
+def test_examples_come_before_the_question_as_earlier_turns(data_tokenizer):
     config = DataConfig(num_prompt_examples=1)
     (user, assistant), = config_prompt_examples(config)
-    ids = prompt_token_ids(tiny_tokenizer, "REAL QUESTION", "Be brief.", True, config_prompt_examples(config))
-    text = tiny_tokenizer.decode(ids)
+    ids = prompt_token_ids(data_tokenizer, "REAL QUESTION", "Be brief.", True, config_prompt_examples(config))
+    text = data_tokenizer.decode(ids)
     order = [text.index(part) for part in ("Be brief.", user.split("\n")[0], "Answer: Orin Talvek", "REAL QUESTION")]
     assert order == sorted(order)
     assert text.rstrip().endswith("assistant")  # the generation prompt follows the real question
-    bare = prompt_token_ids(tiny_tokenizer, "REAL QUESTION", "Be brief.", True)
-    assert len(ids) > len(bare) and "Orin Talvek" not in tiny_tokenizer.decode(bare)
-    plain = tiny_tokenizer.decode(prompt_token_ids(tiny_tokenizer, "REAL QUESTION", None, False,
+    bare = prompt_token_ids(data_tokenizer, "REAL QUESTION", "Be brief.", True)
+    assert len(ids) > len(bare) and "Orin Talvek" not in data_tokenizer.decode(bare)
+    plain = data_tokenizer.decode(prompt_token_ids(data_tokenizer, "REAL QUESTION", None, False,
                                                    config_prompt_examples(config)))
     assert plain.index("Answer: Orin Talvek") < plain.index("REAL QUESTION")
 

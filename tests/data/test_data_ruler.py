@@ -28,8 +28,8 @@ def sources():
 
 
 @pytest.fixture(scope="module")
-def counter(tiny_tokenizer):
-    return TokenCounter(tiny_tokenizer)
+def counter(data_tokenizer):
+    return TokenCounter(data_tokenizer)
 
 
 def _text(docs):
@@ -110,14 +110,14 @@ def _needle_depth(text: str, needle_doc_text: str, tokenizer) -> float:
 
 
 @pytest.mark.parametrize("task", ["niah_single", "niah_multikey", "qa"])
-def test_long_context_puts_the_needle_at_the_depth_within_budget(sources, counter, tiny_tokenizer, task):
+def test_long_context_puts_the_needle_at_the_depth_within_budget(sources, counter, data_tokenizer, task):
     source = sources[task]
     for item in source.items[:3]:
         for depth in (0.0, 0.5, 1.0):
             long = long_context_at_depth(item, counter, LENGTH, depth, seed=3, pool=source.filler)
             assert abs(long.num_tokens - LENGTH) <= 0.05 * LENGTH
-            assert long.num_tokens == len(tiny_tokenizer.encode(long.text, add_special_tokens=False))
-            measured = _needle_depth(long.text, item.supporting_docs[0].text, tiny_tokenizer)
+            assert long.num_tokens == len(data_tokenizer.encode(long.text, add_special_tokens=False))
+            measured = _needle_depth(long.text, item.supporting_docs[0].text, data_tokenizer)
             # one filler document is ~100 of the ~1000 tokens: the block lands within a document of the depth
             assert abs(measured - depth) <= 0.12, (item.id, depth, measured)
             for doc in item.distractor_docs:  # distractor needles / decoys are always in x_long
@@ -217,12 +217,12 @@ def _ruler_config(tmp_path, **changes):
     return DataConfig(**{**base, **changes})
 
 
-def test_build_data_from_the_ruler_source(tiny_tokenizer, tmp_path):
+def test_build_data_from_the_ruler_source(data_tokenizer, tmp_path):
     config = _ruler_config(tmp_path)
     source = load_source(config)
     assert len(source.items) == 4 and source.pool  # the generated filler is the pool
     assert load_source(_ruler_config(tmp_path, max_items=2)).items[0].question == source.items[0].question
-    summary = build_data(config, tiny_tokenizer, _AnswerBackend(), "stub", progress=False)
+    summary = build_data(config, data_tokenizer, _AnswerBackend(), "stub", progress=False)
     assert summary["counts"]["pairs_written"] == 4 and not summary["counts"]["context_skipped"]
     for record in read_pair_records(config.resolved_pairs_path):
         item = next(i for i in source.items if i.id == record["id"])

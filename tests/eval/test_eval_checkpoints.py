@@ -18,7 +18,7 @@ def test_eval_backends_and_checkpoints_give_the_same_predictions(tiny_hf_dir, ti
     from megatron_solopo.eval.evaluate import ModelSource
     from megatron_solopo.parallel.config import ParallelConfig
     from megatron_solopo.parallel.distributed import destroy_parallel
-    from megatron_solopo.training.checkpointing import TrainState, save_checkpoint
+    from megatron_solopo.training.run_state import TrainState, save_checkpoint
 
     small = ["eval.suites=[short]", "eval.num_samples=3", "eval.max_new_tokens=6"]
     reports = {}

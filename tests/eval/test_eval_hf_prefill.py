@@ -6,7 +6,7 @@ and, with the real default model, both paths agree on real eval prompts."""
 import pytest
 import torch
 
-from megatron_solopo.data.hf_cache import reserved_cache
+from megatron_solopo.data.kv_cache import reserved_cache
 from megatron_solopo.eval.generation import HFGenerator
 
 PROMPT_TEXTS = ["Who wrote The Lantern of Orsel?", "Document [1] (Title: Maren Kol) Maren Kol was born in Port Dria.",
@@ -91,22 +91,16 @@ def test_sliding_window_models_use_generate(tiny_hf_dir):
         HFGenerator(model, [1], 0, 4, 2, prefill="chunked")
 
 
-def _default_model_dir():
-    from megatron_solopo.convert.default_model import default_model_available, default_model_dirs
-
-    return str(default_model_dirs()[0]) if default_model_available() else None
-
-
 @pytest.mark.slow
-@pytest.mark.skipif(_default_model_dir() is None, reason="default model not fetched (solopo fetch-default-model)")
-def test_real_model_greedy_outputs_equal_on_eval_prompts():
+@pytest.mark.real_model
+def test_real_model_greedy_outputs_equal_on_eval_prompts(real_model_dirs):
     from transformers import AutoModelForCausalLM
 
-    from megatron_solopo.data.tokenize import load_tokenizer, prompt_token_ids
+    from megatron_solopo.data.tokenization import load_tokenizer, prompt_token_ids
     from megatron_solopo.eval.config import EvalConfig
     from megatron_solopo.eval.suites import build_suites
 
-    hf_dir = _default_model_dir()
+    hf_dir = str(real_model_dirs[0])
     tokenizer = load_tokenizer(hf_dir)
     config = EvalConfig(suites=["multihop", "short"], num_samples=2, context_lengths=[512], depths=[0.0, 1.0])
     prompts = [prompt_token_ids(tokenizer, i.prompt, None, True) for i in build_suites(config, tokenizer).items]

@@ -9,7 +9,7 @@ import pytest
 
 from megatron_solopo.config import load_config
 from megatron_solopo.model.presets import get_preset
-from megatron_solopo.training.memory_estimate import plan_layout
+from megatron_solopo.plan.layout import plan_layout
 
 RECIPES = pathlib.Path(__file__).resolve().parents[2] / "examples" / "configs" / "recipes"
 FILES = sorted(RECIPES.glob("*/*.yaml"))

@@ -26,6 +26,7 @@ import sys
 import time
 
 import pytest
+from tiny_runs import tiny_run_env
 
 REPO = pathlib.Path(__file__).resolve().parents[2]
 CONFIG = REPO / "examples" / "configs" / "tiny_cpu.yaml"
@@ -34,9 +35,7 @@ _TIMING_KEYS = {"time", "step_time_s", "tokens_per_s", "peak_mem_gib", "diag/ext
 
 # ------------------------------------------------------------------------------------------ helpers
 def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SOLOPO_STOP_FILE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
+    return tiny_run_env()
 
 
 def _command(out_dir: pathlib.Path, cache: pathlib.Path, *overrides: str, config: pathlib.Path = CONFIG):
@@ -70,20 +69,18 @@ def _records(out_dir: pathlib.Path) -> dict[int, dict]:
 
 
 def _steps(out_dir: pathlib.Path) -> list[int]:
-    from megatron_solopo.training.checkpointing import list_checkpoints
+    from megatron_solopo.training.run_state import list_checkpoints
 
     return [step for step, _ in list_checkpoints(out_dir)]
 
 
 @pytest.fixture(scope="module")
-def base(tmp_path_factory):
-    """A finished 3-step run with a checkpoint after every step (kept), and the shared data cache."""
-    root = tmp_path_factory.mktemp("faults")
-    cache, run = root / "cache", root / "base"
-    result = _train(run, cache, "train.steps=3", "train.save_every=1", "train.keep_last=0", "train.warmup_steps=0")
-    assert result.returncode == 0, result.stderr[-3000:]
+def base(tmp_path_factory, finished_tiny_run):
+    """The session's finished 3-step run with a checkpoint after every step (kept; tests change copies of
+    it), its data cache, and a folder for this module's runs."""
+    run, cache = finished_tiny_run
     assert _steps(run) == [1, 2, 3]
-    return root, cache, run
+    return tmp_path_factory.mktemp("faults"), cache, run
 
 
 def _copy(run: pathlib.Path, to: pathlib.Path) -> pathlib.Path:
@@ -187,7 +184,7 @@ def _damage(checkpoint: pathlib.Path, how: str) -> pathlib.Path:
 
 @pytest.mark.parametrize("how", ["truncated_distcp", "missing_distcp", "empty_metadata", "garbled_marker"])
 def test_damaged_latest_checkpoint_is_named_and_skipped(base, how, capsys):
-    from megatron_solopo.training.checkpointing import resolve_resume
+    from megatron_solopo.training.run_state import resolve_resume
 
     root, _, run = base
     out = _copy(run, root / f"damaged_{how}")
@@ -220,7 +217,7 @@ def test_resume_skips_a_damaged_checkpoint_and_refuses_an_explicitly_named_one(b
 
 
 def test_every_checkpoint_damaged_names_them_all(base, tmp_path):
-    from megatron_solopo.training.checkpointing import CheckpointError, resolve_resume
+    from megatron_solopo.training.run_state import CheckpointError, resolve_resume
 
     _, _, run = base
     out = _copy(run, tmp_path / "all_bad")
@@ -253,7 +250,7 @@ def test_another_objective_in_the_same_output_dir_is_refused_and_force_continues
 
 
 def test_config_comparison_separates_math_from_schedule():
-    from megatron_solopo.training.loop import compare_with_checkpoint_config
+    from megatron_solopo.training.resume import compare_with_checkpoint_config
 
     saved = {"model": {"preset": "tiny", "attention_backend": "auto"}, "objective": {"name": "orpo"},
              "data": {"pairs_path": "a.jsonl", "cache_dir": "x"},
@@ -273,8 +270,8 @@ def test_config_comparison_separates_math_from_schedule():
 def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, capsys):
     import socket
 
-    from megatron_solopo.training.checkpointing import CheckpointError
-    from megatron_solopo.training.loop import LOCK_FILE, acquire_run_lock
+    from megatron_solopo.training.run_state import CheckpointError
+    from megatron_solopo.training.run_lock import LOCK_FILE, acquire_run_lock
 
     lock = tmp_path / LOCK_FILE
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
@@ -298,7 +295,7 @@ def test_run_lock_refuses_a_live_owner_and_takes_over_a_dead_one(tmp_path, capsy
 def test_a_second_run_into_a_locked_output_dir_refuses(base):
     import socket
 
-    from megatron_solopo.training.loop import LOCK_FILE
+    from megatron_solopo.training.run_lock import LOCK_FILE
 
     root, cache, run = base
     out = _copy(run, root / "locked")

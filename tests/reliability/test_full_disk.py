@@ -38,14 +38,14 @@ def test_a_save_that_fails_on_a_full_disk_names_the_checkpoint(tmp_path, monkeyp
     from megatron.core import dist_checkpointing
     from torch.distributed.checkpoint.api import CheckpointException
 
-    from megatron_solopo.training import checkpointing
+    from megatron_solopo.training import run_state
 
     def full_disk(state, directory):
-        (checkpointing.pathlib.Path(directory) / "__0_0.distcp").write_bytes(b"half a shard")
+        (run_state.pathlib.Path(directory) / "__0_0.distcp").write_bytes(b"half a shard")
         cause = OSError(errno.ENOSPC, "No space left on device")
         raise CheckpointException("Worker failure", {0: (cause, traceback.StackSummary())})
 
-    monkeypatch.setattr(checkpointing, "_checkpoint_writer_dies_with_this_process", lambda: None)
+    monkeypatch.setattr(run_state, "_checkpoint_writer_dies_with_this_process", lambda: None)
     monkeypatch.setattr(dist_checkpointing, "save", full_disk)
     assert _train(tmp_path) == EXIT_USER_ERROR  # was: CheckpointException / "Worker failure", exit 1
     line = _one_line_error(capsys, "train")
@@ -56,12 +56,12 @@ def test_a_save_that_fails_on_a_full_disk_names_the_checkpoint(tmp_path, monkeyp
 
 
 def test_a_tokenized_cache_on_a_full_disk_names_the_directory(tmp_path, monkeypatch, capsys):
-    from megatron_solopo.data import tokenize
+    from megatron_solopo.data import tokenization
 
     def full_disk(rows, path):
         raise OSError("[Errno 28] Error writing bytes to file. Detail: [errno 28] No space left on device")
 
-    monkeypatch.setattr(tokenize, "_write_arrow", full_disk)
+    monkeypatch.setattr(tokenization, "_write_arrow", full_disk)
     assert _train(tmp_path) == EXIT_USER_ERROR
     line = _one_line_error(capsys, "train")
     assert f"{tmp_path / 'cache'}/tokenized-" in line and "data.cache_dir" in line and "disk is full" in line

@@ -5,21 +5,20 @@ a finished run stays finished, a shorter `train.steps` than the checkpoint is re
 leaves no --output behind. Each case asserts the exit status, one line naming the path or setting, and the
 hashes of every file that existed before.
 
-The commands run in this process (cli.main); the one training run that makes a finished run directory is a
-subprocess (it saves, which starts dist_checkpointing's writer process).
+The commands run in this process (cli.main); the finished run directory is a copy of the session's shared one
+(tests/conftest.py `finished_tiny_run`: a subprocess, since it saves, which starts dist_checkpointing's
+writer process).
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
 import shutil
-import subprocess
-import sys
 
 import pytest
-from test_user_errors import CONFIG, SAMPLE_PAIRS, TOKENIZER, _one_line_error, _tiny_hf_model, _tree_hash
+from tiny_runs import tiny_run_command
+from test_user_errors import SAMPLE_PAIRS, TOKENIZER, _one_line_error, _tiny_hf_model, _tree_hash
 
 from megatron_solopo.cli import main
 from megatron_solopo.console import EXIT_USER_ERROR
@@ -68,26 +67,16 @@ def test_build_data_refuses_its_own_output_dir_with_other_settings_and_reruns_th
 
 
 # ------------------------------------------------------------------------------------ train
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "SOLOPO_STOP_FILE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    return env
-
-
 def _train_args(run: pathlib.Path, cache: pathlib.Path, *overrides: str) -> list[str]:
-    return ["train", "--config", str(CONFIG), f"train.output_dir={run}", f"data.cache_dir={cache}",
-            "train.global_batch_pairs=2", "train.micro_batch_pairs=1", "train.steps=2", "train.warmup_steps=0",
-            "train.save_every=0", *overrides]
+    """The shared finished run's `solopo train` arguments (tests/tiny_runs.py), then `overrides`."""
+    return tiny_run_command(run, cache, *overrides)[3:]  # without `python -m megatron_solopo.cli`
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory):
-    """A finished 2-step run (subprocess) and its data cache."""
-    root = tmp_path_factory.mktemp("finished")
-    run, cache = root / "run", root / "cache"
-    result = subprocess.run([sys.executable, "-m", "megatron_solopo.cli", *_train_args(run, cache)], cwd=REPO,
-                            env=_env(), capture_output=True, text=True, timeout=600, check=False)
-    assert result.returncode == 0, result.stderr[-3000:]
+def finished(tmp_path_factory, finished_tiny_run):
+    """A copy of the session's finished 3-step run (made by a subprocess) and its data cache."""
+    shared, cache = finished_tiny_run
+    run = shutil.copytree(shared, tmp_path_factory.mktemp("finished") / "run")
     assert json.loads((run / "run_summary.json").read_text())["last_metrics"]["loss"] > 0
     return run, cache
 
@@ -109,7 +98,7 @@ def test_rerunning_a_finished_run_keeps_its_summary(finished, capsys):
     run, cache = finished
     before = _tree_hash(run)
     assert main(_train_args(run, cache)) == 0
-    assert "already finished at step 2/2" in capsys.readouterr().out
+    assert "already finished at step 3/3" in capsys.readouterr().out
     assert _tree_hash(run) == before
 
 

@@ -117,7 +117,7 @@ def test_a_wrong_type_in_a_pairs_file_is_one_line(tmp_path, capsys):
 
 def test_a_truncated_arrow_cache_names_the_directory_to_delete(tmp_path, capsys):
     from megatron_solopo.config import load_config
-    from megatron_solopo.data.tokenize import load_tokenized_pairs, load_tokenizer
+    from megatron_solopo.data.tokenization import load_tokenized_pairs, load_tokenizer
 
     config = load_config(CONFIG, [f"data.cache_dir={tmp_path / 'cache'}"])
     load_tokenized_pairs(SAMPLE_PAIRS, load_tokenizer(str(TOKENIZER)), config.data)
@@ -154,7 +154,7 @@ def test_overrides_are_accepted_anywhere_after_the_subcommand(tmp_path, a_file, 
 
 # ------------------------------------------------------------------------------------ conversion
 def _tiny_hf_model(directory: pathlib.Path) -> pathlib.Path:
-    from megatron_solopo.data.tokenize import load_tokenizer
+    from megatron_solopo.data.tokenization import load_tokenizer
     from tests.tiny_models import build_tiny_llama
 
     return pathlib.Path(build_tiny_llama(directory, load_tokenizer(str(TOKENIZER))))
@@ -194,7 +194,7 @@ def test_damaged_safetensors_are_named(tmp_path, damage, capsys):
 def test_converted_shards_get_the_usual_file_mode(tmp_path):
     import os
 
-    from megatron_solopo.convert.hf_io import HFShardWriter
+    from megatron_solopo.model.hf.safetensors_io import HFShardWriter
 
     writer = HFShardWriter(tmp_path / "out")
     writer.add("w", torch.zeros(2))

@@ -14,8 +14,8 @@ import zlib
 import pytest
 import torch
 
-from megatron_solopo.convert.mappings import te_to_local_name
-from megatron_solopo.data.tokenize import sample_from_token_ids
+from megatron_solopo.model.families.tables import te_to_local_name
+from megatron_solopo.data.tokenization import sample_from_token_ids
 
 ROLES = ("short_chosen", "short_rejected", "long_chosen", "long_rejected")
 
@@ -187,12 +187,13 @@ def train_layout(samples: list, objective, tp: int, pp: int, cp: int, backend: s
     Adam with lr = eps = 1e6 and no clipping makes the update -g / (1 + |g| / 1e6): the negative
     gradient to 1e-7 relative, so `update` can be compared with `manual_reference`'s."""
     from megatron_solopo.training.batching import collate_microbatches
+    from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_training_objects
     from megatron_solopo.training.step import train_step
 
     parallel, chunks = build_layout(tp, pp, cp, backend, preset, virtual_pp, sequence_parallel)
-    chunks, optimizer, scheduler = build_training_objects(
-        chunks, lr=1e6, adam_eps=1e6, total_steps=4, clip_grad=0.0, use_distributed_optimizer=distributed_optimizer)
+    train = TrainConfig(lr=1e6, adam_eps=1e6, clip_grad=0.0, distributed_optimizer=distributed_optimizer)
+    chunks, optimizer, scheduler = build_training_objects(chunks, train, total_steps=4)
     before = snapshot(chunks)
     microbatches = collate_microbatches(data_parallel_share(samples), objective, parallel, layout, micro_batch_pairs)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective, parallel, step_index=0)

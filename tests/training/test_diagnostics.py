@@ -72,7 +72,7 @@ class _Reference:
     def _plain_model(self, chunks, parallel):
         from megatron_solopo.model import ModelConfig, get_preset
         from megatron_solopo.model.builder import build_model_chunks
-        from megatron_solopo.training.checkpointing import capture_rng_state, restore_rng_state
+        from megatron_solopo.training.run_state import capture_rng_state, restore_rng_state
 
         if self.plain is None:
             rng = capture_rng_state()  # building draws random weights: leave the run's RNG as it was
@@ -209,7 +209,7 @@ def _tensorboard_scalars(directory: pathlib.Path) -> dict:
 def _worker(rank: int, world_size: int, tmp: str):
     os.chdir(REPO)  # the sample data paths are relative to the repository
     from megatron_solopo.config import load_config
-    from megatron_solopo.data.tokenize import load_tokenized_pairs
+    from megatron_solopo.data.tokenization import load_tokenized_pairs
     from megatron_solopo.parallel import init_process_group
     from megatron_solopo.training import step as step_module
     from megatron_solopo.training.loop import train
@@ -257,9 +257,9 @@ def _worker(rank: int, world_size: int, tmp: str):
 
 def _tokenizer(config):
     from megatron_solopo.checkpoint import loader
-    from megatron_solopo.training import runtime
+    from megatron_solopo.training import run_inputs
 
-    return runtime.load_run_tokenizer(config.model, loader.resolve_preset(config.model))
+    return run_inputs.load_run_tokenizer(config.model, loader.resolve_preset(config.model))
 
 
 @pytest.fixture(scope="module")
@@ -359,13 +359,14 @@ def _layout_share(samples, tp, distributed_optimizer=False):
 
     from megatron_solopo.objectives import ObjectiveConfig
     from megatron_solopo.training.batching import collate_microbatches
+    from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_training_objects
     from megatron_solopo.training.step import train_step
 
     objective = ObjectiveConfig(name="orpo", mode="solo", lam=0.1, alpha=1.0)
     parallel, chunks = build_layout(tp, 1, 1, "sdpa")
-    chunks, optimizer, scheduler = build_training_objects(chunks, lr=1e-3, total_steps=2,
-                                                          use_distributed_optimizer=distributed_optimizer)
+    train = TrainConfig(lr=1e-3, distributed_optimizer=distributed_optimizer)
+    chunks, optimizer, scheduler = build_training_objects(chunks, train, total_steps=2)
     microbatches = collate_microbatches(data_parallel_share(samples), objective, parallel, "packed", 1)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective, parallel, step_index=1,
                         diagnostics=True, ra_grad_share=True)
@@ -430,7 +431,7 @@ def test_heldout_selection_and_its_errors():
 
 
 def test_a_changed_heldout_set_is_refused_on_resume():
-    from megatron_solopo.training.loop import compare_with_checkpoint_config
+    from megatron_solopo.training.resume import compare_with_checkpoint_config
 
     old = {"train": {"lr": 1e-3}}  # a checkpoint from before train.heldout_pairs existed: the default (0) held
     assert compare_with_checkpoint_config(old, {"train": {"lr": 1e-3, "heldout_pairs": 0}})[0] == []

@@ -67,7 +67,7 @@ def _global_pieces(chunks, optimizer) -> list[tuple[str, tuple, tuple, torch.Ten
     from megatron.core.dist_checkpointing.dict_utils import nested_values
     from megatron.core.dist_checkpointing.mapping import ShardedTensor, apply_factories
 
-    from megatron_solopo.training.checkpointing import _optimizer_sharded_state_dict, model_sharded_state_dict
+    from megatron_solopo.training.run_state import _optimizer_sharded_state_dict, model_sharded_state_dict
 
     model_sd = model_sharded_state_dict(chunks)
     state = {"model": model_sd, "optimizer": _optimizer_sharded_state_dict(optimizer, model_sd, is_loading=False)}
@@ -95,7 +95,7 @@ def _draw_random() -> list[float]:
 
 
 def _worker(rank: int, world_size: int, out_dir: str):
-    from megatron_solopo.training import checkpointing as ckpt
+    from megatron_solopo.training import run_state as ckpt
 
     results: dict = {}
     # layout A: tp=1, pp=1, dp=2 -- train 2 steps, save, continue 2 steps (saving each)
@@ -185,7 +185,7 @@ def test_tp2_continues_the_tp1_run(results):
 
 
 def test_completion_marker_and_pruning(results):
-    from megatron_solopo.training import checkpointing as ckpt
+    from megatron_solopo.training import run_state as ckpt
 
     out_dir = results["out_dir"]
     steps = [step for step, _ in ckpt.list_checkpoints(out_dir)]
@@ -199,7 +199,7 @@ def test_completion_marker_and_pruning(results):
 
 
 def test_incomplete_checkpoints_are_ignored(tmp_path):
-    from megatron_solopo.training import checkpointing as ckpt
+    from megatron_solopo.training import run_state as ckpt
 
     root = tmp_path / "checkpoints"
     good = root / "step_000003"
@@ -234,7 +234,7 @@ def test_incomplete_checkpoints_are_ignored(tmp_path):
 
 
 def test_prune_keeps_the_newest(tmp_path):
-    from megatron_solopo.training import checkpointing as ckpt
+    from megatron_solopo.training import run_state as ckpt
 
     for step in (1, 5, 12, 30):
         path = tmp_path / "checkpoints" / ckpt.checkpoint_name(step)

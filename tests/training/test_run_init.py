@@ -40,12 +40,12 @@ def _worker(rank: int, world_size: int, tmp: str):
 
     from megatron_solopo.config import load_config
     from megatron_solopo.convert import convert_hf_to_mcore
-    from megatron_solopo.data.sample import sample_tokenizer_dir
-    from megatron_solopo.data.tokenize import load_tokenizer
+    from megatron_solopo.data.bundled import sample_tokenizer_dir
+    from megatron_solopo.data.tokenization import load_tokenizer
     from megatron_solopo.parallel import init_process_group
     from megatron_solopo.training.loop import train
     from megatron_solopo.training.reference import ReferenceTable, precompute_reference
-    from megatron_solopo.training.runtime import load_dataset
+    from megatron_solopo.training.run_inputs import load_dataset
 
     tmp = pathlib.Path(tmp)
     init_process_group()

@@ -45,8 +45,8 @@ def _worker(rank: int, world_size: int, tmp: str):
     os.chdir(REPO)  # the sample data paths of tiny_cpu.yaml are relative to the repository
     from megatron_solopo.parallel import init_process_group
     from megatron_solopo.training import reference
-    from megatron_solopo.training.checkpointing import list_checkpoints
-    from megatron_solopo.training.commands import PrecomputeRef
+    from megatron_solopo.training.run_state import list_checkpoints
+    from megatron_solopo.commands.training import PrecomputeRef
     from megatron_solopo.training.loop import train
 
     tmp = pathlib.Path(tmp)

@@ -130,7 +130,7 @@ def test_example_configs_load(path):
 
 
 def test_steps_skip_an_epochs_incomplete_last_batch():
-    from megatron_solopo.data.sampler import DistributedPairSampler
+    from megatron_solopo.data.pair_order import DistributedPairSampler
     from megatron_solopo.training.loop import _next_indices
 
     # 10 pairs, 4 per step, 2 DP ranks: 2 steps per epoch (8 pairs), the remaining 2 are skipped

@@ -22,6 +22,7 @@ def _te_vs_sdpa(rank, world_size):
     from megatron_solopo.objectives import ObjectiveConfig
     from megatron_solopo.parallel import ParallelConfig, initialize_parallel
     from megatron_solopo.training.batching import collate_microbatches, collate_scoring_microbatches
+    from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_training_objects
     from megatron_solopo.training.step import forward_only, train_step
 
@@ -36,7 +37,7 @@ def _te_vs_sdpa(rank, world_size):
         scoring = collate_scoring_microbatches(samples, ("short_chosen", "short_rejected", "long_chosen"), parallel,
                                                "packed", 2, pad_to_multiple_of=16)
         logps = forward_only(chunks, scoring, parallel)
-        chunks, optimizer, scheduler = build_training_objects(chunks, lr=1e-4, total_steps=4)
+        chunks, optimizer, scheduler = build_training_objects(chunks, TrainConfig(lr=1e-4), total_steps=4)
         microbatches = collate_microbatches(samples, objective, parallel, "packed", 2, pad_to_multiple_of=16)
         result = train_step(chunks, optimizer, scheduler, microbatches, objective, parallel, step_index=0)
         out[backend] = {"logps": logps, "loss": result.loss, "grad_norm": result.grad_norm}
@@ -49,6 +50,7 @@ def _sdpa_step(rank, world_size, dtype):
     from megatron_solopo.objectives import ObjectiveConfig
     from megatron_solopo.parallel import ParallelConfig, initialize_parallel
     from megatron_solopo.training.batching import collate_microbatches
+    from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_training_objects
     from megatron_solopo.training.step import train_step
 
@@ -58,7 +60,7 @@ def _sdpa_step(rank, world_size, dtype):
                                                                           params_dtype=dtype))
     set_weights_by_name(chunks, seed=4)
     device = str(next(chunks[0].parameters()).device)
-    chunks, optimizer, scheduler = build_training_objects(chunks, lr=1e-4, total_steps=4)
+    chunks, optimizer, scheduler = build_training_objects(chunks, TrainConfig(lr=1e-4), total_steps=4)
     microbatches = collate_microbatches(make_samples(4, seed=23), objective, parallel, "packed", 2)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective, parallel, step_index=0)
     return {"loss": result.loss, "grad_norm": result.grad_norm, "device": device}

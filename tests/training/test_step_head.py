@@ -135,10 +135,11 @@ def _memory_checks():
     return out
 
 
-def _train_objects(backend="sdpa", **kwargs):
+def _train_objects(backend="sdpa", **train_fields):
+    from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_training_objects
 
-    return build_training_objects(_model(backend), **{"lr": 1e-3, "total_steps": 10, **kwargs})
+    return build_training_objects(_model(backend), TrainConfig(**{"lr": 1e-3, **train_fields}), total_steps=10)
 
 
 def _forward_only_and_nan_checks():
@@ -184,16 +185,17 @@ def _forward_only_and_nan_checks():
 
 
 def _schedule_lrs():
+    from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_scheduler, current_lr
 
     _, optimizer, _ = _train_objects(lr=1.0, min_lr=0.1, weight_decay=0.01)
-    scheduler = build_scheduler(optimizer, warmup_steps=2, total_steps=6, decay="linear")
+    scheduler = build_scheduler(optimizer, TrainConfig(warmup_steps=2, lr_decay="linear"), total_steps=6)
     lrs = []
     for _ in range(8):
         lrs.append(current_lr(optimizer))
         scheduler.step(1)
     _, optimizer, _ = _train_objects(lr=1.0)
-    cosine = build_scheduler(optimizer, total_steps=4, decay="cosine")
+    cosine = build_scheduler(optimizer, TrainConfig(lr_decay="cosine"), total_steps=4)
     cos_lrs = []
     for _ in range(5):
         cos_lrs.append(current_lr(optimizer))

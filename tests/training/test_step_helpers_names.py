@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from step_helpers import is_norm_weight, set_weights_by_name
 
-from megatron_solopo.convert.mappings import te_to_local_name
+from megatron_solopo.model.families.tables import te_to_local_name
 
 
 def _holder(**params):

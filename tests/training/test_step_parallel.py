@@ -48,11 +48,12 @@ def _dpo_anchor_at_cp2():
     """SoLo-DPO at step 0 with reference == policy: preference term ln 2, SoLo-RA term 0."""
     from megatron_solopo.objectives import ObjectiveConfig, required_reference_sequences
     from megatron_solopo.training.batching import collate_microbatches, collate_scoring_microbatches
+    from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_training_objects
     from megatron_solopo.training.step import forward_only, train_step
 
     parallel, chunks = build_layout(1, 1, 2, "sdpa")
-    chunks, optimizer, scheduler = build_training_objects(chunks, lr=1e-3, total_steps=4)
+    chunks, optimizer, scheduler = build_training_objects(chunks, TrainConfig(lr=1e-3), total_steps=4)
     objective = ObjectiveConfig(name="dpo", mode="solo", beta=0.1, alpha=3.0)
     samples = make_samples(NUM_PAIRS, seed=5)
     scoring = collate_scoring_microbatches(samples, sorted(required_reference_sequences(objective)), parallel,
