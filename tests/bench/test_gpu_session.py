@@ -149,7 +149,7 @@ def test_the_planned_maximum_search_on_a_known_linear_planner():
 def _cuda_parsers(monkeypatch):
     import torch
 
-    from megatron_solopo.bench import commands
+    from megatron_solopo.commands import bench as commands
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     parser = argparse.ArgumentParser()

@@ -217,7 +217,7 @@ def test_build_data_command(tiny_model_dir, tmp_path, capsys):
         pytest.skip(f"experiment config incomplete: {err}")
     import argparse
 
-    from megatron_solopo.data import commands
+    from megatron_solopo.commands import data as commands
 
     yaml_path = tmp_path / "data.yaml"
     yaml_path.write_text(

@@ -77,7 +77,7 @@ def test_the_cpu_shim_installs_on_a_gpu_host_when_the_cpu_is_requested(gpu_host)
 
 
 def test_bench_device_cpu_runs_our_stack_on_the_cpu(gpu_host):
-    from megatron_solopo.bench import commands
+    from megatron_solopo.commands import bench as commands
 
     parser = argparse.ArgumentParser()
     commands.add_arguments(parser)
@@ -90,9 +90,7 @@ def test_bench_device_cpu_runs_our_stack_on_the_cpu(gpu_host):
         calls["backend"] = backend
         calls["device_env"] = requested_device()
 
-    import megatron_solopo.parallel as parallel_pkg
-
-    gpu_host.setattr(parallel_pkg, "initialize_parallel", fake_initialize_parallel)
+    gpu_host.setattr(commands, "initialize_parallel", fake_initialize_parallel)  # where _init_parallel looks it up
     commands._init_parallel(cfg)
     assert calls == {"backend": "gloo", "device_env": "cpu"}  # the builder then keeps the model on the CPU
     assert not cuda_in_use()
