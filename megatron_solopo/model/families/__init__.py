@@ -22,8 +22,8 @@ from megatron_solopo.model.families.tables import WeightTable
 
 # each import registers its family; the order is the order errors and listings use
 from megatron_solopo.model.families import llama  # noqa: F401  isort: skip
-from megatron_solopo.model.families import mistral  # noqa: F401  isort: skip
 from megatron_solopo.model.families import qwen2  # noqa: F401  isort: skip
+from megatron_solopo.model.families import mistral  # noqa: F401  isort: skip
 
 __all__ = [
     "ArchitectureFamily",
