@@ -211,12 +211,12 @@ def _worker(rank: int, world_size: int, tmp: str):
     from megatron_solopo.config import load_config
     from megatron_solopo.data.tokenization import load_tokenized_pairs
     from megatron_solopo.parallel import init_process_group
-    from megatron_solopo.training import step as step_module
+    from megatron_solopo.training import loop as loop_module  # train_step is looked up there
     from megatron_solopo.training.loop import train
 
     init_process_group()
     tmp = pathlib.Path(tmp)
-    real_step = step_module.train_step
+    real_step = loop_module.train_step
     out = {}
     runs = [("orpo", True, STEPS, HELDOUT), ("orpo-off", False, STEPS, HELDOUT),
             *((name, True, 2, 0) for name in ("simpo", "dpo", "ipo"))]
@@ -231,11 +231,11 @@ def _worker(rank: int, world_size: int, tmp: str):
         dataset = load_tokenized_pairs(config.data.pairs_path, _tokenizer(config), config.data)
         samples_by_id = {row["id"]: dict(row) for row in dataset}
         reference = _Reference(real_step, samples_by_id)
-        step_module.train_step = reference
+        loop_module.train_step = reference
         try:
             summary = train(config)
         finally:
-            step_module.train_step = real_step
+            loop_module.train_step = real_step
         record = {"final_step": summary.final_step, "steps": reference.steps,
                   "metrics": [json.loads(line) for line in (tmp / run / "metrics.jsonl").read_text().splitlines()],
                   "summary": json.loads((tmp / run / "run_summary.json").read_text())}
@@ -407,7 +407,7 @@ def test_ra_grad_share_is_the_same_under_every_layout(layouts, layout):
 # ------------------------------------------------------------------------------------------ units
 def test_heldout_selection_and_its_errors():
     from megatron_solopo.training.config import TrainConfig
-    from megatron_solopo.training.diagnostics import select_heldout
+    from megatron_solopo.training.heldout import select_heldout
 
     rows = [{"id": f"q{i}"} for i in range(6)]
 
