@@ -5,7 +5,7 @@ so the session loads this plugin instead and the file always holds the tests fin
 
     python3 -m pytest -v -p megatron_solopo.bench.junit_live --junit-live=PATH tests/...
 
-The format is what `session_report.junit_summary` (and any JUnit reader) expects: testsuites > testsuite >
+The format is what `gpu_session_report.junit_summary` (and any JUnit reader) expects: testsuites > testsuite >
 testcase (classname, name, time) with a failure / error / skipped child where the test did not pass. The
 file is replaced atomically (written beside it, then renamed), so a reader never sees half of it.
 """

@@ -203,7 +203,7 @@ class HFBackend:
         """Prompts prefilled one by one (data.kv_cache), then decoded with in-place cache appends; finished
         rows leave the batch once they are a quarter of it (dropping rows copies the cache, about the cost
         of one step). Rows are prompt-major. With `share_prompt_cache` and several responses per prompt,
-        each prompt's keys/values are kept once for all its responses (`hf_cache.SharedPrompts`: a decoding
+        each prompt's keys/values are kept once for all its responses (`kv_cache.SharedPrompts`: a decoding
         step reads them once per prompt, not once per response); otherwise the prompt rows are repeated."""
         import torch
 
