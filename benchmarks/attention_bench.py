@@ -99,7 +99,8 @@ def stack_train_flops(preset, num_layers: int, seq_len_tokens: int) -> float:
 def environment(device: str) -> dict:
     import torch
 
-    from megatron_solopo.model.backends import package_version, te_importable
+    from megatron_solopo.model.backends import te_importable
+    from megatron_solopo.versions import package_version
 
     info = {"host": socket.gethostname(), "platform": platform.platform(), "python": sys.version.split()[0],
             "torch": torch.__version__, "megatron_core": package_version("megatron-core"),

@@ -9,6 +9,7 @@ import sys
 from megatron_solopo.model import backends
 from megatron_solopo.model.presets import get_preset, list_presets
 from megatron_solopo.parallel.device import cuda_in_use, requested_device
+from megatron_solopo.versions import package_version
 
 
 def collect() -> dict:
@@ -23,16 +24,16 @@ def collect() -> dict:
         "torch_cuda_build": torch.version.cuda,
         "cuda_available": torch.cuda.is_available(),
         "gpus": [],
-        "megatron_core": backends.package_version("megatron-core"),
-        "transformer_engine": backends.package_version("transformer-engine")
-        or backends.package_version("transformer_engine"),
+        "megatron_core": package_version("megatron-core"),
+        "transformer_engine": package_version("transformer-engine")
+        or package_version("transformer_engine"),
         "transformer_engine_usable": backends.te_importable(),
-        "flash_attn": backends.package_version("flash-attn") or backends.package_version("flash_attn"),
+        "flash_attn": package_version("flash-attn") or package_version("flash_attn"),
         "nvidia_apex": backends.nvidia_apex_importable(),
-        "transformers": backends.package_version("transformers"),
-        "datasets": backends.package_version("datasets"),
-        "trl": backends.package_version("trl"),
-        "vllm": backends.package_version("vllm"),
+        "transformers": package_version("transformers"),
+        "datasets": package_version("datasets"),
+        "trl": package_version("trl"),
+        "vllm": package_version("vllm"),
         "default_attention_backend": backends.resolve_attention_backend("auto"),
         "distributed_backend": "nccl" if cuda_in_use() else "gloo (CPU shim)",
         "requested_device": requested_device() or "auto (SOLOPO_DEVICE unset)",

@@ -34,12 +34,22 @@ The GPU session (benchmarks/gpu_session.sh): gpu_session (plan, runner, dry run)
 probes and the planner's verdict), junit_live (a pytest plugin rewriting JUnit XML after every test),
 gpu_session_sim (simulated steps for the CPU test of the whole plan), gpu_session_report (`--report`).
 The package exports only the entry points below; import everything else from its defining module.
+They are imported on first use (PEP 562): the GPU session's modules (gpu_session, gpu_session_sim,
+gpu_session_report, probes, junit_live) import only the standard library, because the session starts them on
+the GPU machine before megatron-core is installed (tests/test_layers.py checks it).
 """
 
 from __future__ import annotations
 
-from megatron_solopo.bench.config import BenchConfig, Variant, parse_variant
-from megatron_solopo.bench.report import regenerate_report
-from megatron_solopo.bench.sweep import BenchRun
+import importlib
+
+_EXPORTS = {"BenchConfig": "config", "Variant": "config", "parse_variant": "config",
+            "regenerate_report": "report", "BenchRun": "sweep"}
 
 __all__ = ["BenchConfig", "BenchRun", "Variant", "parse_variant", "regenerate_report"]
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"megatron_solopo.bench.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

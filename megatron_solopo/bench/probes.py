@@ -25,8 +25,6 @@ import json
 import sys
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
-from megatron_solopo.plan.dry_run import PlanSpec
-from megatron_solopo.plan.search import Assumptions, scaled_plan
 
 PRESET = "llama-1b"
 SHORT_LENGTH = 1024
@@ -105,6 +103,10 @@ def plan_peak_gib(mode: str, length: int, preset: str = PRESET, short_length: in
                   response_length: int = RESPONSE_LENGTH, recompute: str = RECOMPUTE) -> float:
     """The dry run's peak (GiB) of one step at long length `length` (context + response tokens), as the
     probe runs it: `solopo plan --scaled --preset P --mode M --short S-R --long L-R --response R --recompute`."""
+    # planning imports torch and megatron-core: here, not at the top (the module docstring says why)
+    from megatron_solopo.plan.dry_run import PlanSpec
+    from megatron_solopo.plan.search import scaled_plan
+
     spec = PlanSpec(preset=preset, short_tokens=short_length - response_length,
                     long_tokens=length - response_length, response_tokens=response_length, mode=mode,
                     objective="orpo", recompute=recompute, params_dtype="bf16", attention_backend="sdpa")
@@ -112,6 +114,9 @@ def plan_peak_gib(mode: str, length: int, preset: str = PRESET, short_length: in
 
 
 def reserve_fraction() -> float:
+    """The share of GPU memory the planner keeps free (plan/search.py's Assumptions)."""
+    from megatron_solopo.plan.search import Assumptions  # torch and megatron-core: see the module docstring
+
     return Assumptions().reserve_fraction
 
 

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from megatron_solopo.bench.ratios import _ok
-from megatron_solopo.model.backends import package_version
+from megatron_solopo.versions import package_version
 
 SCHEMA = "solopo-bench/1"
 

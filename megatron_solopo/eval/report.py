@@ -40,7 +40,7 @@ from typing import Any
 from megatron_solopo import __version__ as solopo_version
 from megatron_solopo.data.records import write_json
 from megatron_solopo.eval.metrics import METRICS, aggregate, aggregate_by, cell_table
-from megatron_solopo.model.backends import package_version
+from megatron_solopo.versions import package_version
 
 __all__ = ["SCHEMA_VERSION", "REPORT_KIND", "REPORT_SCHEMA", "ITEM_SCHEMA", "build_report", "validate_report",
            "load_report", "write_report", "plot_accuracy_vs_length", "plot_depth_heatmap", "report_markdown",

@@ -4,18 +4,9 @@ from __future__ import annotations
 
 import functools
 import importlib
-import importlib.metadata
 
 import torch
 from megatron_solopo.parallel.device import cuda_in_use
-
-
-def package_version(dist_name: str) -> str | None:
-    """Installed version of a distribution, or None."""
-    try:
-        return importlib.metadata.version(dist_name)
-    except importlib.metadata.PackageNotFoundError:
-        return None
 
 
 @functools.cache
