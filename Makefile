@@ -4,6 +4,9 @@ SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+# `make test` runs the test files on this many pytest-xdist workers (one file per worker at a time, so a
+# module's fixtures are built once), one torch thread each; 1 runs them in this process, in order.
+TEST_WORKERS ?= 2
 DEMO_ARGS ?=
 
 .PHONY: install test test-gpu test-real-model demo env clean
@@ -18,7 +21,11 @@ $(VENV)/.installed: setup.py
 install: $(VENV)/.installed
 
 test: install
+ifeq ($(TEST_WORKERS),1)
 	$(PY) -m pytest $(PYTEST_ARGS)
+else
+	OMP_NUM_THREADS=$${OMP_NUM_THREADS:-1} $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
+endif
 
 test-gpu: install
 	$(PY) -m pytest -m gpu --run-gpu $(PYTEST_ARGS)

@@ -23,7 +23,7 @@ INSTALL_REQUIRES = [
 
 EXTRAS = {
     "te": ["transformer-engine[pytorch]>=2.0"],
-    "dev": ["pytest>=8", "pytest-timeout>=2.3", "trl>=1.16", "tensorboard>=2.15"],
+    "dev": ["pytest>=8", "pytest-timeout>=2.3", "pytest-xdist>=3.5", "trl>=1.16", "tensorboard>=2.15"],
     "tensorboard": ["tensorboard>=2.15"],
     "wandb": ["wandb"],
     "vllm": ["vllm"],
