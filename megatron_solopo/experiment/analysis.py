@@ -129,17 +129,29 @@ def training_cost(metrics_path: str | pathlib.Path) -> dict[str, Any]:
     The first step (model warm-up, allocator growth) is left out of the per-pair time when there are
     later steps; the median over steps is reported with the mean.
     """
-    records = [r for r in _read_jsonl(pathlib.Path(metrics_path)) if "step_time_s" in r and r.get("pairs")]
+    by_step = {r["step"]: r for r in _read_jsonl(pathlib.Path(metrics_path)) if "step_time_s" in r and r.get("pairs")}
+    records = [by_step[step] for step in sorted(by_step)]  # a step logged again after a resume: its last record
     if not records:
         raise ValueError(f"{metrics_path} holds no training steps with step_time_s and pairs")
     timed = records[1:] if len(records) > 1 else records
     per_pair = [r["step_time_s"] / r["pairs"] for r in timed]
-    pair_updates = int(sum(r["pairs"] for r in records))
-    return {"steps": len(records), "pairs": pair_updates, "distinct_pairs": _distinct_pairs(metrics_path, pair_updates),
+    pair_updates = _pair_updates(records)
+    return {"steps": records[-1]["step"], "pairs": pair_updates,
+            "distinct_pairs": _distinct_pairs(metrics_path, pair_updates),
             "seconds_per_pair_median": statistics.median(per_pair), "seconds_per_pair_mean": statistics.fmean(per_pair),
             "steps_timed": len(timed), "peak_mem_gib": max(float(r.get("peak_mem_gib") or 0.0) for r in records),
             "tokens_per_pair": statistics.fmean(r.get("tokens", 0.0) / r["pairs"] for r in timed),
             "final_loss": records[-1].get("loss")}
+
+
+def _pair_updates(records: list[dict]) -> int:
+    """Pairs trained on in all, from the logged steps (sorted by step): with `train.log_every: k` a record
+    stands for the k steps since the previous one, each of the same global batch (`pairs`)."""
+    previous, total = 0, 0
+    for record in records:
+        total += int(record["pairs"]) * (int(record["step"]) - previous)
+        previous = int(record["step"])
+    return total
 
 
 def _distinct_pairs(metrics_path: str | pathlib.Path, pair_updates: int) -> int | None:

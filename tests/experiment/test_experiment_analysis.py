@@ -77,6 +77,16 @@ def test_training_cost_skips_the_warmup_step(tmp_path):
         training_cost(tmp_path / "empty.jsonl")
 
 
+def test_training_cost_counts_the_steps_between_logged_ones(tmp_path):
+    """log_every 4 over 12 steps of 2 pairs: the 3 logged steps stand for 24 pair updates, not 6 (the RULER
+    run's first table counted records); a step logged again after a resume counts once."""
+    path = tmp_path / "metrics.jsonl"
+    logged = [{"step": s, "step_time_s": 8.0, "pairs": 2, "tokens": 100, "loss": 1.0} for s in (4, 8, 8, 12)]
+    path.write_text("\n".join(json.dumps(r) for r in [{"step": 0, "heldout/point": "before"}, *logged]) + "\n")
+    cost = training_cost(path)
+    assert cost["pairs"] == 24 and cost["steps"] == 12 and cost["steps_timed"] == 2
+
+
 def test_markdown_and_files(tmp_path):
     costs = {"solo": {"pairs": 4, "seconds_per_pair_median": 2.0, "peak_mem_gib": 1.0, "tokens_per_pair": 900}}
     results = analyze({"base": BASE, "solo": SOLO}, costs, [("base", "solo")], "sub_em", resamples=500, seed=0)
