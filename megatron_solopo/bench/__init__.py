@@ -25,11 +25,12 @@ the memory still allocated afterwards is recorded (`allocated_after_free_gib`) s
 Run with PYTORCH_CUDA_ALLOC_CONF=expandable_segments:True (benchmarks/gpu_session.sh does) so allocator
 fragmentation after an OOM does not make a smaller length fail spuriously.
 
-Modules: config (BenchConfig, Variant, variant specs), batches (synthetic pairs), measure (one timed case,
-OOM caught), max_length (max-length search), stack (our Megatron runner), baseline (transformers / TRL runner),
-ratios, report (JSON / Markdown / PNG), sweep (BenchRun: one invocation's cases and searches); the command
-(`add_arguments` / `run`, what megatron_solopo.cli calls) is megatron_solopo/commands/bench.py. The FLOP / MFU
-formulas are planning's (megatron_solopo/plan/flops.py): bench imports plan, never the reverse.
+Modules: config (BenchConfig, Variant, variant specs), random_pairs (random-token pairs of the right
+shapes), measure (one timed case, OOM caught), max_length (max-length search), stack (our Megatron runner),
+baseline (transformers / TRL runner), ratios, report (JSON / Markdown / PNG), sweep (BenchRun: one
+invocation's cases and searches); the command (`add_arguments` / `run`, what megatron_solopo.cli calls) is
+megatron_solopo/commands/bench.py. The FLOP / MFU formulas are planning's (megatron_solopo/plan/flops.py):
+bench imports plan, never the reverse.
 The GPU session (benchmarks/gpu_session.sh): gpu_session (plan, runner, dry run), probes (planned max-length
 probes and the planner's verdict), junit_live (a pytest plugin rewriting JUnit XML after every test),
 gpu_session_sim (simulated steps for the CPU test of the whole plan), gpu_session_report (`--report`).

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-from megatron_solopo.bench.batches import pair_sequences, synthetic_samples
+from megatron_solopo.bench.random_pairs import pair_sequences, synthetic_samples
 from megatron_solopo.bench.config import BenchConfig
 from megatron_solopo.bench.measure import free_memory
 from megatron_solopo.objectives import ObjectiveConfig, objective_loss

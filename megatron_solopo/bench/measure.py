@@ -8,7 +8,7 @@ import statistics
 import time
 from collections.abc import Callable, Sequence
 
-from megatron_solopo.bench.batches import pair_sequences
+from megatron_solopo.bench.random_pairs import pair_sequences
 from megatron_solopo.bench.config import BenchConfig
 from megatron_solopo.plan.flops import sequence_train_flops
 

@@ -6,7 +6,7 @@ import dataclasses
 from collections.abc import Callable
 from typing import Any
 
-from megatron_solopo.bench.batches import synthetic_samples
+from megatron_solopo.bench.random_pairs import synthetic_samples
 from megatron_solopo.bench.config import BenchConfig, Variant
 from megatron_solopo.bench.measure import free_memory
 from megatron_solopo.checkpoint import load_model

@@ -9,7 +9,7 @@ import time
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from megatron_solopo.bench.batches import pair_sequences
+from megatron_solopo.bench.random_pairs import pair_sequences
 from megatron_solopo.bench.config import BenchConfig
 from megatron_solopo.bench.max_length import search_max_length
 from megatron_solopo.bench.measure import CaseResult, run_case

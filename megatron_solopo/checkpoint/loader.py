@@ -40,7 +40,7 @@ from megatron_solopo.model.presets import ModelPreset, get_preset
 from megatron_solopo.parallel.config import ParallelConfig
 
 if TYPE_CHECKING:
-    from megatron_solopo.parallel.context import ParallelContext
+    from megatron_solopo.parallel.parallel_context import ParallelContext
 
 logger = logging.getLogger(__name__)
 

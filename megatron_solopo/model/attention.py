@@ -31,7 +31,7 @@ from megatron.core.transformer.enums import AttnMaskType
 from megatron.core.transformer.module import MegatronModule
 
 from megatron_solopo.model.ring_attention import BLOCK_KERNELS, ring_attention
-from megatron_solopo.parallel.context import current_parallel_context
+from megatron_solopo.parallel.parallel_context import current_parallel_context
 from megatron_solopo.parallel.cp import thd_zigzag_token_indices
 
 __all__ = ["SDPACoreAttention", "ring_attention", "BLOCK_KERNELS"]

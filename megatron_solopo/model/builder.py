@@ -17,7 +17,7 @@ from megatron_solopo.model.backends import check_fp8_recipe, resolve_attention_b
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.presets import ModelPreset
 from megatron_solopo.parallel.config import ParallelConfig
-from megatron_solopo.parallel.context import ParallelContext, as_parallel_context
+from megatron_solopo.parallel.parallel_context import ParallelContext, as_parallel_context
 from megatron_solopo.parallel.device import cuda_in_use
 
 _DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}

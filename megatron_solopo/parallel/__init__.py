@@ -2,7 +2,7 @@
 
 from megatron_solopo.launch_env import read_launch_env  # re-exported: parallel.read_launch_env is public
 from megatron_solopo.parallel.config import ParallelConfig
-from megatron_solopo.parallel.context import (
+from megatron_solopo.parallel.parallel_context import (
     ParallelContext,
     as_parallel_context,
     current_parallel_context,

@@ -10,7 +10,7 @@ import torch.distributed as dist
 
 from megatron_solopo.launch_env import LaunchEnv, read_launch_env
 from megatron_solopo.parallel.config import ParallelConfig
-from megatron_solopo.parallel.context import ParallelContext, _set_current
+from megatron_solopo.parallel.parallel_context import ParallelContext, _set_current
 from megatron_solopo.parallel.device import cuda_in_use
 from megatron_solopo.parallel.shim import install_cpu_shim
 

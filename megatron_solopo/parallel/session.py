@@ -11,7 +11,7 @@ import torch.distributed as dist
 from megatron_solopo.console import USER_ERRORS
 from megatron_solopo.launch_env import read_launch_env
 from megatron_solopo.parallel.config import ParallelConfig
-from megatron_solopo.parallel.context import (
+from megatron_solopo.parallel.parallel_context import (
     ParallelContext,
     _megatron_initialized,
     _set_current,

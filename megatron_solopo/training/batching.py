@@ -50,7 +50,7 @@ from megatron_solopo.objectives import (
     required_sequences,
 )
 from megatron_solopo.parallel.config import ParallelConfig
-from megatron_solopo.parallel.context import (ParallelContext, fp8_seq_multiple, require_parallel_context,
+from megatron_solopo.parallel.parallel_context import (ParallelContext, fp8_seq_multiple, require_parallel_context,
                                               seq_len_divisor)
 from megatron_solopo.parallel.cp import cp_shard, cp_shard_thd
 

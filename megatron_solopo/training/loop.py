@@ -25,7 +25,7 @@ import torch.distributed as dist
 from megatron_solopo.checkpoint import loader
 from megatron_solopo.dataclass_yaml import save_config, to_dict
 from megatron_solopo.parallel import destroy_parallel, initialize_parallel
-from megatron_solopo.parallel.context import ParallelContext
+from megatron_solopo.parallel.parallel_context import ParallelContext
 from megatron_solopo.training import heldout, run_inputs
 from megatron_solopo.training.diagnostics import HELDOUT_POINT
 from megatron_solopo.training.divergence import DivergenceGuard, TrainingDiverged

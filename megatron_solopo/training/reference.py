@@ -43,7 +43,7 @@ from megatron_solopo.model.config import LogprobHeadConfig
 from megatron_solopo.objectives import ObjectiveConfig, logps_key, required_reference_sequences
 from megatron_solopo.objectives.config import SEQUENCES
 from megatron_solopo.parallel import destroy_parallel, initialize_parallel
-from megatron_solopo.parallel.context import ParallelContext
+from megatron_solopo.parallel.parallel_context import ParallelContext
 from megatron_solopo.training import run_inputs
 from megatron_solopo.training.batching import Collator, resolve_layout
 from megatron_solopo.training.step import forward_only

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from megatron_solopo.checkpoint.format import CONFIG_FILE
 from megatron_solopo.dataclass_yaml import to_dict
-from megatron_solopo.parallel.context import ParallelContext
+from megatron_solopo.parallel.parallel_context import ParallelContext
 from megatron_solopo.training.config import TrainConfig
 from megatron_solopo.training.run_lock import acquire_run_lock
 from megatron_solopo.training.run_state import CheckpointError, read_checkpoint_info, resolve_resume

@@ -83,7 +83,7 @@ from megatron_solopo.checkpoint.weights import (
     unwrap_model,
 )
 from megatron_solopo.console import describe_error
-from megatron_solopo.parallel.context import current_parallel_context
+from megatron_solopo.parallel.parallel_context import current_parallel_context
 from megatron_solopo.training.process_guard import die_with_parent
 
 logger = logging.getLogger(__name__)

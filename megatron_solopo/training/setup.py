@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 from megatron_solopo.checkpoint import loader
 from megatron_solopo.data.pair_order import DistributedPairSampler
 from megatron_solopo.objectives import needs_reference
-from megatron_solopo.parallel.context import ParallelContext
+from megatron_solopo.parallel.parallel_context import ParallelContext
 from megatron_solopo.training import reference as ref, run_inputs
 from megatron_solopo.training.batching import Collator, resolve_layout
 from megatron_solopo.training.diagnostics import grad_share_unsupported

@@ -76,7 +76,7 @@ import torch.distributed as dist
 
 from megatron_solopo.model.logprobs import LogprobHeadConfig, make_output_processor
 from megatron_solopo.objectives import COUNT_METRICS, ObjectiveConfig, objective_loss
-from megatron_solopo.parallel.context import ParallelContext, require_parallel_context
+from megatron_solopo.parallel.parallel_context import ParallelContext, require_parallel_context
 from megatron_solopo.parallel.cp import cp_all_reduce_sum
 from megatron_solopo.parallel.device import compute_device
 from megatron_solopo.training.batching import MicroBatch

@@ -11,7 +11,7 @@ import pytest
 
 from megatron_solopo.bench import measure
 from megatron_solopo.commands import bench as commands
-from megatron_solopo.bench.batches import pair_sequences, synthetic_sample
+from megatron_solopo.bench.random_pairs import pair_sequences, synthetic_sample
 from megatron_solopo.bench.config import DEFAULT_GPU_VARIANTS, BenchConfig, Variant, parse_variant
 from megatron_solopo.bench.measure import run_case, summarize
 from megatron_solopo.bench.ratios import compute_ratios

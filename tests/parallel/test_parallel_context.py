@@ -7,7 +7,7 @@ TP=2 gloo worker of tests/model/test_model_tp.py.
 import pytest
 
 from megatron_solopo.parallel import ParallelConfig, ParallelContext, fp8_seq_multiple, seq_len_divisor
-from megatron_solopo.parallel.context import as_parallel_context, current_parallel_context, require_parallel_context
+from megatron_solopo.parallel.parallel_context import as_parallel_context, current_parallel_context, require_parallel_context
 
 
 def test_for_rank_sizes_ranks_and_layout():
@@ -68,7 +68,7 @@ def test_inconsistent_contexts_are_rejected():
 
 
 def test_hot_paths_need_a_context_and_entry_points_need_initialize_parallel(monkeypatch):
-    monkeypatch.setattr("megatron_solopo.parallel.context._current", None)  # as before any initialize_parallel
+    monkeypatch.setattr("megatron_solopo.parallel.parallel_context._current", None)  # as before any initialize_parallel
     ctx = ParallelContext.for_rank()
     assert require_parallel_context(ctx, "x") is ctx and as_parallel_context(ctx) is ctx
     with pytest.raises(TypeError, match="train_step needs the ParallelContext"):

@@ -1,4 +1,4 @@
-"""FP8 token multiples: one rule (parallel.context) for training, the reference pass and the benchmark.
+"""FP8 token multiples: one rule (parallel.parallel_context) for training, the reference pass and the benchmark.
 
 Transformer Engine's FP8 GEMMs assert the token count of what ONE rank multiplies (te/pytorch/utils.py
 `assert_dim_for_fp8_exec`; 32 for MXFP8, 128 for block scaling), i.e. the local shard: T/cp tokens per

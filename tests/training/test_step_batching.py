@@ -9,7 +9,7 @@ from step_helpers import make_samples
 
 from megatron_solopo.objectives import ObjectiveConfig, required_batch_keys
 from megatron_solopo.parallel.config import ParallelConfig
-from megatron_solopo.parallel.context import ParallelContext
+from megatron_solopo.parallel.parallel_context import ParallelContext
 from megatron_solopo.parallel.cp import thd_zigzag_token_indices, zigzag_token_indices
 from megatron_solopo.training.batching import (
     collate_microbatches,
