@@ -7,7 +7,11 @@ TP=2 gloo worker of tests/model/test_model_tp.py.
 import pytest
 
 from megatron_solopo.parallel import ParallelConfig, ParallelContext, fp8_seq_multiple, seq_len_divisor
-from megatron_solopo.parallel.parallel_context import as_parallel_context, current_parallel_context, require_parallel_context
+from megatron_solopo.parallel.parallel_context import (
+    as_parallel_context,
+    current_parallel_context,
+    require_parallel_context,
+)
 
 
 def test_for_rank_sizes_ranks_and_layout():
