@@ -177,10 +177,10 @@ def test_no_import_cycle_between_folders():
     assert folder_cycles(PACKAGE) == []
 
 
-LIGHT_MODULES = ("megatron_solopo.cli", "megatron_solopo.data", "megatron_solopo.plan", "megatron_solopo.model.families",
-                 "megatron_solopo.versions", "megatron_solopo.bench.gpu_session", "megatron_solopo.bench.gpu_session_sim",
-                 "megatron_solopo.bench.gpu_session_report", "megatron_solopo.bench.probes",
-                 "megatron_solopo.bench.junit_live")
+LIGHT_MODULES = ("megatron_solopo.cli", "megatron_solopo.data", "megatron_solopo.plan",
+                 "megatron_solopo.model.families", "megatron_solopo.versions", "megatron_solopo.bench.gpu_session",
+                 "megatron_solopo.bench.gpu_session_sim", "megatron_solopo.bench.gpu_session_report",
+                 "megatron_solopo.bench.probes", "megatron_solopo.bench.junit_live")
 """Imported without torch: `solopo --help` and command dispatch, the data package (docs/data.md), `solopo plan`'s
 package (its heavy parts load on use), the architecture tables, and the GPU session's modules (started on the
 GPU machine before megatron-core is installed: bench/__init__.py). Imports at the top of a file may not change
