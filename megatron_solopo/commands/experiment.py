@@ -21,6 +21,7 @@ import pathlib
 import platform
 import re
 import shutil
+import tempfile
 
 import yaml
 
@@ -344,23 +345,31 @@ def publish(run_dir: pathlib.Path, experiment: QualityExperimentConfig, out_dir:
 
 
 def _local_paths(run_dir: pathlib.Path) -> list[tuple[str, str]]:
-    """(path of this machine, placeholder) for the run dir, the repository and home; the longest first: the
-    run dir lies inside the repo, the repo may lie in home."""
+    """(path of this machine, placeholder) for the run dir, the repository, home and the temporary folder
+    (an eval's HF export of a checkpoint lives there); the longest first: the run dir lies inside the repo,
+    the repo may lie in home, the run dir may lie in the temporary folder."""
     repo = pathlib.Path(__file__).resolve().parents[2]
-    return sorted({str(run_dir.resolve()): "<run_dir>", str(repo): "<repo>", str(pathlib.Path.home()): "~"}.items(),
-                  key=lambda item: -len(item[0]))
+    return sorted({str(run_dir.resolve()): "<run_dir>", str(repo): "<repo>", str(pathlib.Path.home()): "~",
+                   tempfile.gettempdir(): "<tmp>"}.items(), key=lambda item: -len(item[0]))
+
+
+def _whole_path(prefix: str) -> re.Pattern[str]:
+    """`prefix` where it is a whole path or a path's leading folders: not inside a longer name or path
+    (/tmp is left alone in /home/me/tmp/x and in /tmpfiles)."""
+    return re.compile(r"(?<![\w.\-/])" + re.escape(prefix) + r"(?![\w.\-])")
 
 
 def _strip_local_paths(out_dir: pathlib.Path, run_dir: pathlib.Path) -> None:
     """Published files are committed: paths of this machine (run dir, repository, home with the model
-    cache) become `<run_dir>`, `<repo>` and `~` in every text file of `out_dir`."""
-    prefixes = _local_paths(run_dir)
+    cache, the temporary folder) become `<run_dir>`, `<repo>`, `~` and `<tmp>` in every text file of
+    `out_dir`."""
+    patterns = [(_whole_path(prefix), placeholder) for prefix, placeholder in _local_paths(run_dir)]
     for path in out_dir.rglob("*"):
         if path.suffix not in (".json", ".jsonl", ".yaml", ".md") or not path.is_file():
             continue
         text = original = path.read_text(encoding="utf-8")
-        for prefix, placeholder in prefixes:
-            text = text.replace(prefix, placeholder)
+        for pattern, placeholder in patterns:
+            text = pattern.sub(placeholder, text)
         if text != original:
             path.write_text(text, encoding="utf-8")
 

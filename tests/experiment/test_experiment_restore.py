@@ -4,6 +4,7 @@ machine's paths), and a run directory that already holds a run is never overwrit
 
 import json
 import pathlib
+import tempfile
 
 import pytest
 
@@ -45,6 +46,20 @@ def _finished_run(run_dir: pathlib.Path) -> dict[str, str]:
         _write(run_dir / name, text)
     _write(run_dir / "train" / "long-orpo" / "checkpoints" / "step_000032" / "weights.bin", "not published")
     return files
+
+
+def test_publish_replaces_the_temporary_folder_only_where_it_begins_a_path(tmp_path):
+    """An eval of a checkpoint names its temporary HF export (<tmp>/solopo-eval-hf-*) in its report; a
+    folder that merely ends in tmp, or a name that starts with it, is not that folder."""
+    experiment = load_quality_config(EXAMPLE)
+    run, published = tmp_path / "run1", tmp_path / "published"
+    _finished_run(run)
+    temp = tempfile.gettempdir()
+    report = {"model": f"{temp}/solopo-eval-hf-abc", "other": f"/home/me{temp}/x", "name": f"{temp}files/y"}
+    _write(run / "eval" / "long-orpo" / "report.json", json.dumps(report))
+    publish(run, experiment, published)
+    assert json.loads((published / "eval" / "long-orpo.json").read_text()) == {
+        "model": "<tmp>/solopo-eval-hf-abc", "other": f"/home/me{temp}/x", "name": f"{temp}files/y"}
 
 
 def test_publish_then_restore_gives_back_the_finished_stages_with_this_machines_paths(tmp_path):
