@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -31,14 +32,8 @@ from megatron_solopo.eval.evaluate import ModelSource, evaluate  # noqa: E402
 
 
 def shared_prefix_tokens(prompts: list[list[int]]) -> int:
-    """Length of the longest token prefix common to every prompt."""
-    common = list(prompts[0])
-    for prompt in prompts[1:]:
-        n = 0
-        while n < min(len(common), len(prompt)) and common[n] == prompt[n]:
-            n += 1
-        common = common[:n]
-    return len(common)
+    """Length of the longest token prefix common to every prompt (os.path.commonprefix compares lists too)."""
+    return len(os.path.commonprefix(prompts))
 
 
 def main() -> int:
