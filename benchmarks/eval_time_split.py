@@ -48,9 +48,9 @@ def main() -> int:
     prompts_seen: list[list[int]] = []
     real_prefill, real_last = generation.prefill_each, generation.last_logits
 
-    def timed_prefill(model, prompts, reserve, kwarg):
+    def timed_prefill(model, prompts, reserve, kwarg, prefix=None):
         began = time.perf_counter()
-        result = real_prefill(model, prompts, reserve, kwarg)
+        result = real_prefill(model, prompts, reserve, kwarg, prefix)
         split["prefill_s"] += time.perf_counter() - began
         split["prefill_calls"] += 1
         split["prefill_tokens"] += sum(len(p) for p in prompts)

@@ -129,7 +129,7 @@ def run(args: argparse.Namespace) -> int:
     model_id = "scripted" if data.sampling_backend == "scripted" else model_dir
     tokenizer = load_tokenizer(model_dir)
     backend = make_backend(data.sampling_backend, model_dir, data.sampling_device, data.sampling_dtype,
-                           data.sampling_batch_size, tokenizer)
+                           data.sampling_batch_size, tokenizer, calls_per_batch=data.sampling_calls_per_batch)
     summary = build_data(data, tokenizer, backend, model_id, progress=not args.no_progress)
     if not args.no_tokenize:
         start = time.perf_counter()

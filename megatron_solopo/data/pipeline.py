@@ -39,8 +39,8 @@ logger = logging.getLogger(__name__)
 _MAX_LOGGED_SKIPS = 5
 
 
-BUILD_NEUTRAL_KEYS = ("output_dir", "pairs_path", "cache_dir", "sampling_batch_size", "sampling_device",
-                      "max_seq_len_tokens", "on_too_long")
+BUILD_NEUTRAL_KEYS = ("output_dir", "pairs_path", "cache_dir", "sampling_batch_size", "sampling_calls_per_batch",
+                      "sampling_device", "max_seq_len_tokens", "on_too_long")
 """data.* settings that do not change which pairs are written (where they go, how fast, tokenization)."""
 
 

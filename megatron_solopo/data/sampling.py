@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import hashlib
+import itertools
 import json
 import logging
 import os
@@ -19,7 +20,7 @@ import random
 from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
-from megatron_solopo.data.kv_cache import (SharedPrompts, cache_kwarg, full_attention_only, last_logits,
+from megatron_solopo.data.kv_cache import (SharedPrefix, SharedPrompts, cache_kwarg, full_attention_only, last_logits,
                                            prefill_each, reserved_cache, row_mask, select_rows,
                                            shared_prompt_decoding)
 from megatron_solopo.data.records import QAItem, atomic_write
@@ -137,7 +138,8 @@ class HFBackend:
     """Batched sampling with a Hugging Face causal LM, on CPU or GPU.
 
     Each prompt is prefilled once, alone and unpadded (data.kv_cache), and its KV cache serves all its
-    responses (one shared copy for prompts of >= SHARED_PROMPT_MIN_TOKENS, else one copy each), instead of `generate(num_return_sequences=n)`, which prefills every copy: with
+    responses (one shared copy for prompts of >= SHARED_PROMPT_MIN_TOKENS, else one copy each), instead of
+    `generate(num_return_sequences=n)`, which prefills every copy: with
     n = 32 responses on ~1K-token prompts the prefill is most of the work. Decoding appends to the
     cache in place (transformers' DynamicLayer copies the whole cache every step: ~55% of a CPU
     step at 2K tokens x 8 responses). Models with sliding-window or hybrid layers take a left-padded
@@ -146,7 +148,8 @@ class HFBackend:
     """
 
     def __init__(self, model_dir: str, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
-                 tokenizer: Any = None, share_prompt_cache: bool = True) -> None:
+                 tokenizer: Any = None, share_prompt_cache: bool = True, share_prefix: bool = True,
+                 calls_per_batch: int = 1) -> None:
         import inspect
 
         import transformers
@@ -156,6 +159,10 @@ class HFBackend:
         device = str(setting_device(device, "data.sampling_device"))
         self.device = device
         self.batch_size = batch_size
+        if calls_per_batch < 1:
+            raise ValueError(f"data.sampling_calls_per_batch must be >= 1, got {calls_per_batch}")
+        self.calls_per_batch = calls_per_batch
+        """Generate calls decoded together (`generate_calls`); each draws from its own seeded generator."""
         self.tokenizer = tokenizer or transformers.AutoTokenizer.from_pretrained(model_dir)
         check_hf_model(model_dir)  # tensors and config.json agree, from the headers: a one-line error otherwise
         self.model = transformers.AutoModelForCausalLM.from_pretrained(
@@ -173,6 +180,9 @@ class HFBackend:
         self.share_prompt_cache = share_prompt_cache
         """In-place path, several responses: one copy of a prompt's keys/values for all its responses (False:
         one copy per response, the earlier scheme; same tokens up to floating-point summation order)."""
+        self.prefix = SharedPrefix() if share_prefix and self._cache_kwarg is not None else None
+        """In-place path: the tokens the prompts sampled so far all start with (chat template, system prompt,
+        worked example, instruction), prefilled once for all calls (`kv_cache.SharedPrefix`; None: off)."""
 
     def requests_per_call(self, settings: SamplingSettings) -> int:
         return max(1, self.batch_size // settings.num_responses)
@@ -184,33 +194,47 @@ class HFBackend:
     def sample_token_ids(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,
                          max_new_tokens: int, generator: Any, greedy: bool = False) -> list[list[list[int]]]:
         """Token ids of `num_responses` continuations per prompt (EOS excluded), [prompt][response][token]."""
+        return self.sample_call_token_ids([prompts], num_responses, temperature, top_p, max_new_tokens, [generator],
+                                          greedy)[0]
+
+    def sample_call_token_ids(self, calls: list[list[list[int]]], num_responses: int, temperature: float,
+                              top_p: float, max_new_tokens: int, generators: list[Any],
+                              greedy: bool = False) -> list[list[list[list[int]]]]:
+        """`sample_token_ids` for several calls' prompts decoded in one batch, [call][prompt][response][token].
+        Call c draws its tokens from generators[c] over its own rows, dropping its finished rows when it
+        would alone (`_CallDraws`): its tokens are those of sampling it alone, up to floating-point summation
+        order in the batched matmuls."""
         import torch
 
+        prompts = [prompt for call in calls for prompt in call]
+        call_of_row = [c for c, call in enumerate(calls) for _ in range(len(call) * num_responses)]
+        draws = _CallDraws(call_of_row, generators, lambda logits, generator: self._next_tokens(
+            logits, temperature, top_p, generator, greedy))
         with torch.no_grad():
             if self._cache_kwarg is None:
-                rows = self._decode_padded(prompts, num_responses, temperature, top_p, max_new_tokens, generator,
-                                           greedy)
+                rows = self._decode_padded(prompts, num_responses, max_new_tokens, draws)
             else:
-                rows = self._decode_in_place(prompts, num_responses, temperature, top_p, max_new_tokens, generator,
-                                             greedy)
-        return [rows[p * num_responses:(p + 1) * num_responses] for p in range(len(prompts))]
+                rows = self._decode_in_place(prompts, num_responses, max_new_tokens, draws)
+        by_prompt = [rows[p * num_responses:(p + 1) * num_responses] for p in range(len(prompts))]
+        bounds = [0, *itertools.accumulate(len(call) for call in calls)]
+        return [by_prompt[start:end] for start, end in zip(bounds, bounds[1:])]
 
     def _next_tokens(self, logits: Any, temperature: float, top_p: float, generator: Any, greedy: bool) -> Any:
         return logits.argmax(-1) if greedy else _sample(logits, temperature, top_p, generator)
 
-    def _decode_in_place(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,
-                         max_new_tokens: int, generator: Any, greedy: bool) -> list[list[int]]:
+    def _decode_in_place(self, prompts: list[list[int]], num_responses: int, max_new_tokens: int,
+                         draws: _CallDraws) -> list[list[int]]:
         """Prompts prefilled one by one (data.kv_cache), then decoded with in-place cache appends; finished
-        rows leave the batch once they are a quarter of it (dropping rows copies the cache, about the cost
-        of one step). Rows are prompt-major. With `share_prompt_cache` and several responses per prompt,
+        rows leave the batch (`_CallDraws.rows_to_keep`: dropping rows copies the cache, about the cost of
+        one step). Rows are prompt-major. With `share_prompt_cache` and several responses per prompt,
         each prompt's keys/values are kept once for all its responses (`kv_cache.SharedPrompts`: a decoding
         step reads them once per prompt, not once per response); otherwise the prompt rows are repeated."""
         import torch
 
-
         eos = self.tokenizer.eos_token_id
         share = self.share_prompt_cache and num_responses > 1 and max(map(len, prompts)) >= SHARED_PROMPT_MIN_TOKENS
-        logits, cache, mask = prefill_each(self.model, prompts, 0 if share else max_new_tokens, self._cache_kwarg)
+        logits, cache, mask = prefill_each(self.model, prompts, 0 if share else max_new_tokens, self._cache_kwarg,
+                                           self.prefix)
         repeat = torch.arange(len(prompts), device=self.device).repeat_interleave(num_responses)
         logits = logits[repeat]
         if share:
@@ -227,7 +251,7 @@ class HFBackend:
         decoding = shared_prompt_decoding(self.model, shared) if share else contextlib.nullcontext()
         with decoding:
             for step in range(max_new_tokens):
-                tokens = self._next_tokens(logits, temperature, top_p, generator, greedy).tolist()
+                tokens = draws.draw(logits, present)
                 for row, token in zip(present, tokens):
                     if not done[row]:
                         done[row] = token == eos
@@ -235,9 +259,8 @@ class HFBackend:
                             generated[row].append(token)
                 if step == max_new_tokens - 1 or all(done[row] for row in present):
                     break
-                finished = [i for i, row in enumerate(present) if done[row]]
-                if len(finished) * 4 >= len(present):
-                    keep = [i for i, row in enumerate(present) if not done[row]]
+                keep = draws.rows_to_keep(present, done)
+                if len(keep) < len(present):
                     if share:
                         if cache.get_seq_length() > 0:  # nothing generated is cached before the first step
                             cache.batch_select_indices(torch.tensor(keep, dtype=torch.long, device=self.device))
@@ -258,10 +281,10 @@ class HFBackend:
                                      position_ids=(positions + step)[:, None])
         return generated
 
-    def _decode_padded(self, prompts: list[list[int]], num_responses: int, temperature: float, top_p: float,
-                       max_new_tokens: int, generator: Any, greedy: bool) -> list[list[int]]:
+    def _decode_padded(self, prompts: list[list[int]], num_responses: int, max_new_tokens: int,
+                       draws: _CallDraws) -> list[list[int]]:
         """Left-padded prefill with a mask and transformers' own cache: for models without
-        `logits_to_keep` or with sliding-window/hybrid layers. Rows are prompt-major."""
+        `logits_to_keep` or with sliding-window/hybrid layers. Rows are prompt-major and stay in the batch."""
         import torch
 
         input_ids, mask = self._left_pad(prompts)  # [P, L]
@@ -274,41 +297,90 @@ class HFBackend:
         logits = out.logits[:, -1, :].float().repeat_interleave(num_responses, dim=0)  # [P * n, V]
         mask = mask.repeat_interleave(num_responses, dim=0)
         next_pos = position_ids[:, -1:].repeat_interleave(num_responses, dim=0) + 1  # [P * n, 1]
-        finished = torch.zeros(logits.shape[0], dtype=torch.bool, device=logits.device)
+        rows = list(range(logits.shape[0]))
+        finished = [False] * len(rows)
         steps = []
         for _ in range(max_new_tokens):
-            token = self._next_tokens(logits, temperature, top_p, generator, greedy)
-            token = torch.where(finished, torch.full_like(token, self.pad_id), token)
+            token = [self.pad_id if done else t for t, done in zip(draws.draw(logits, rows, finished), finished)]
             steps.append(token)
-            finished |= token == eos
-            if bool(finished.all()):
+            finished = [done or t == eos for t, done in zip(token, finished)]
+            if all(finished):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            out = self.model(input_ids=token[:, None], attention_mask=mask, position_ids=next_pos,
-                             past_key_values=cache, use_cache=True)
+            fed = torch.tensor(token, device=logits.device)[:, None]
+            out = self.model(input_ids=fed, attention_mask=mask, position_ids=next_pos, past_key_values=cache,
+                             use_cache=True)
             cache, logits = out.past_key_values, out.logits[:, -1, :].float()
             next_pos = next_pos + 1
-        tokens = torch.stack(steps, dim=1).tolist()  # [P * n, steps]
+        tokens = [list(column) for column in zip(*steps)]  # [P * n, steps]
         return [seq[: seq.index(eos)] if eos in seq else seq for seq in tokens]
 
     def generate(self, requests: Sequence[SamplingRequest], settings: SamplingSettings, seed: int) -> list[list[str]]:
+        return self.generate_calls([requests], settings, [seed])[0]
+
+    def generate_calls(self, calls: Sequence[Sequence[SamplingRequest]], settings: SamplingSettings,
+                       seeds: Sequence[int]) -> list[list[list[str]]]:
+        """`generate` for several calls at once, decoded in one batch ([call][request][response]); call c's
+        responses come from its own generator seeded with seeds[c], as if it were generated alone."""
         import torch
 
-        prompts = [prompt_token_ids(self.tokenizer, r.prompt, settings.system_prompt, settings.use_chat_template,
-                                    settings.examples)
-                   for r in requests]
-        generator = torch.Generator(device=self.device)
-        generator.manual_seed(seed)
-        out: list[list[str]] = [[] for _ in requests]
+        prompts = [[prompt_token_ids(self.tokenizer, r.prompt, settings.system_prompt, settings.use_chat_template,
+                                     settings.examples) for r in call] for call in calls]
+        generators = []
+        for seed in seeds:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(seed)
+            generators.append(generator)
+        out: list[list[list[str]]] = [[[] for _ in call] for call in calls]
         # more responses than fit in one batch: several rounds per prompt
         per_round = min(settings.num_responses, self.batch_size)
-        while len(out[0]) < settings.num_responses:
-            n = min(per_round, settings.num_responses - len(out[0]))
-            ids = self.sample_token_ids(prompts, n, settings.temperature, settings.top_p, settings.max_new_tokens,
-                                        generator)
-            for i, responses in enumerate(ids):
-                out[i].extend(t.strip() for t in self.tokenizer.batch_decode(responses, skip_special_tokens=True))
+        while len(out[0][0]) < settings.num_responses:
+            n = min(per_round, settings.num_responses - len(out[0][0]))
+            ids = self.sample_call_token_ids(prompts, n, settings.temperature, settings.top_p,
+                                             settings.max_new_tokens, generators)
+            for call_out, call_ids in zip(out, ids, strict=True):
+                for responses, prompt_ids in zip(call_out, call_ids, strict=True):
+                    responses.extend(t.strip() for t in self.tokenizer.batch_decode(prompt_ids,
+                                                                                     skip_special_tokens=True))
         return out
+
+
+class _CallDraws:
+    """Which generate call each decoding row belongs to, and how each call draws its tokens: from its own
+    generator, over its own rows in the batch, dropping its finished rows when it would alone. So a call's
+    samples do not depend on the other calls decoded beside it (`HFBackend.calls_per_batch`)."""
+
+    def __init__(self, call_of_row: list[int], generators: list[Any], next_tokens: Callable[[Any, Any], Any]) -> None:
+        self.call_of_row = call_of_row
+        self.generators = generators
+        self.next_tokens = next_tokens
+        """(logits [rows, V], generator) -> token ids [rows]: greedy or sampled (HFBackend._next_tokens)."""
+
+    def _rows_by_call(self, present: list[int]) -> list[list[int]]:
+        """Per call, the indices into `present` of its rows."""
+        index: list[list[int]] = [[] for _ in self.generators]
+        for i, row in enumerate(present):
+            index[self.call_of_row[row]].append(i)
+        return index
+
+    def draw(self, logits: Any, present: list[int], finished: list[bool] | None = None) -> list[int]:
+        """The next token of every row in `present` (logits row i is present[i]); a call whose rows are all
+        `finished` draws nothing (its rows get 0)."""
+        tokens = [0] * len(present)
+        for index, generator in zip(self._rows_by_call(present), self.generators, strict=True):
+            if index and not (finished is not None and all(finished[present[i]] for i in index)):
+                for i, token in zip(index, self.next_tokens(logits[index], generator).tolist(), strict=True):
+                    tokens[i] = token
+        return tokens
+
+    def rows_to_keep(self, present: list[int], done: list[bool]) -> list[int]:
+        """Indices into `present` of the rows that stay: a call drops its finished rows once they are a
+        quarter of its rows in the batch (all of them when it is finished)."""
+        keep = []
+        for index in self._rows_by_call(present):
+            finished = sum(done[present[i]] for i in index)
+            keep += [i for i in index if not done[present[i]]] if finished * 4 >= len(index) else index
+        return sorted(keep)
 
 
 def _sample(logits: Any, temperature: float, top_p: float, generator: Any) -> Any:
@@ -382,8 +454,8 @@ class ScriptedBackend:
 
 
 def make_backend(name: str, model_dir: str | None, device: str = "auto", dtype: str = "auto", batch_size: int = 32,
-                 tokenizer: Any = None) -> ResponseBackend:
-    """Backend by name; 'auto' = vllm when importable with CUDA, else hf."""
+                 tokenizer: Any = None, calls_per_batch: int = 1) -> ResponseBackend:
+    """Backend by name; 'auto' = vllm when importable with CUDA, else hf. calls_per_batch: hf only."""
     if name == "auto":
         name = "vllm" if vllm_available() else "hf"
     if name == "scripted":
@@ -391,7 +463,7 @@ def make_backend(name: str, model_dir: str | None, device: str = "auto", dtype: 
     if model_dir is None:
         raise ValueError(f"sampling backend {name} needs a model directory (data.sampling_model)")
     if name == "hf":
-        return HFBackend(model_dir, device, dtype, batch_size, tokenizer)
+        return HFBackend(model_dir, device, dtype, batch_size, tokenizer, calls_per_batch=calls_per_batch)
     if name == "vllm":
         try:
             import vllm  # noqa: F401
@@ -434,8 +506,11 @@ def sample_responses(requests: Sequence[SamplingRequest], backend: ResponseBacke
                      tokenizer: Any = None) -> dict[str, list[str]]:
     """Responses per request id, sampling only what `samples_path` (or its .partial) does not hold yet.
 
-    Returns {id: [response, ...]} for every request. `on_call(n)` is called after each backend call
-    with the number of questions it sampled (tests count calls with it). With `stats` (and the
+    Returns {id: [response, ...]} for every request. Questions go to the backend in calls of
+    `backend.requests_per_call(settings)`, each seeded from its questions; a backend with `calls_per_batch`
+    > 1 (HFBackend) gets that many calls at once (`generate_calls`; the samples stay those of one call at a
+    time). `on_call(n)` is called after each call with the number of questions it sampled (tests count
+    calls with it). With `stats` (and the
     `tokenizer` that renders the prompts) the questions sampled now, their tokens and the backend's
     seconds are added to it.
     """
@@ -458,23 +533,29 @@ def sample_responses(requests: Sequence[SamplingRequest], backend: ResponseBacke
                     settings.num_responses)
         partial.parent.mkdir(parents=True, exist_ok=True)
         per_call = backend.requests_per_call(settings)
+        chunks = [pending[start:start + per_call] for start in range(0, len(pending), per_call)]
+        calls_per_batch = getattr(backend, "calls_per_batch", 1)  # HFBackend: calls decoded together
         with open(partial, "a", encoding="utf-8") as sink, tqdm(
                 total=len(requests), initial=len(done), unit="q", desc="sampling", disable=not progress) as bar:
-            for start in range(0, len(pending), per_call):
-                chunk = pending[start:start + per_call]
+            for first in range(0, len(chunks), calls_per_batch):
+                calls = chunks[first:first + calls_per_batch]
+                seeds = [_call_seed(settings.seed, [r.id for r in chunk]) for chunk in calls]
                 began = time.perf_counter()
-                outputs = backend.generate(chunk, settings, _call_seed(settings.seed, [r.id for r in chunk]))
+                outputs = (backend.generate_calls(calls, settings, seeds) if len(calls) > 1
+                           else [backend.generate(calls[0], settings, seeds[0])])
                 if stats is not None:
-                    stats.add(tokenizer, chunk, outputs, settings, time.perf_counter() - began)
-                for request, responses in zip(chunk, outputs, strict=True):
-                    done[request.id] = responses
-                    sink.write(json.dumps({"id": request.id, "key": keys[request.id], "responses": responses},
-                                          ensure_ascii=False) + "\n")
-                sink.flush()
-                os.fsync(sink.fileno())
-                bar.update(len(chunk))
-                if on_call is not None:
-                    on_call(len(chunk))
+                    stats.add(tokenizer, [r for chunk in calls for r in chunk], [o for out in outputs for o in out],
+                              settings, time.perf_counter() - began)
+                for chunk, chunk_outputs in zip(calls, outputs, strict=True):
+                    for request, responses in zip(chunk, chunk_outputs, strict=True):
+                        done[request.id] = responses
+                        sink.write(json.dumps({"id": request.id, "key": keys[request.id], "responses": responses},
+                                              ensure_ascii=False) + "\n")
+                    sink.flush()
+                    os.fsync(sink.fileno())
+                    bar.update(len(chunk))
+                    if on_call is not None:
+                        on_call(len(chunk))
     with atomic_write(final) as f:
         for r in requests:
             f.write(json.dumps({"id": r.id, "key": keys[r.id], "responses": done[r.id]}, ensure_ascii=False) + "\n")

@@ -33,7 +33,8 @@ from typing import Any
 
 import torch
 
-from megatron_solopo.data.kv_cache import cache_kwarg, full_attention_only, last_logits, prefill_each, select_rows
+from megatron_solopo.data.kv_cache import (SharedPrefix, cache_kwarg, full_attention_only, last_logits, prefill_each,
+                                           select_rows)
 from megatron_solopo.data.sampling import left_pad
 from megatron_solopo.model.hf.loading import check_hf_model
 from megatron_solopo.parallel.device import setting_device
@@ -160,14 +161,17 @@ class HFGenerator(Generator):
     only. The prompts' KV caches are then stacked left-padded into one batch cache and all answers
     are decoded together (one token per step for the whole batch, which amortizes reading the
     weights), with rows that finished dropped from the batch. Falls back to ``padded`` for models
-    whose cache layout this does not handle (sliding-window or hybrid attention).
+    whose cache layout this does not handle (sliding-window or hybrid attention). With ``share_prefix``
+    (default) the tokens that all prompts of a `generate` call start with (chat template, system prompt,
+    worked example, instruction) are prefilled once and each prompt prefills only its remainder
+    (`data.kv_cache.SharedPrefix`; `shared_prefix_tokens` says how many were shared).
     ``prefill="padded"`` (path ``hf-generate``): transformers ``generate`` on the left-padded batch
     with an attention mask (the masked attention kernel computes the full L x L score matrix).
     Both are greedy; docs/evaluation.md lists what was measured and how outputs were compared.
     """
 
     def __init__(self, model: Any, eos_ids: Sequence[int], pad_id: int | None, max_new_tokens: int,
-                 batch_size: int, prefill: str = "unpadded") -> None:
+                 batch_size: int, prefill: str = "unpadded", share_prefix: bool = True) -> None:
         super().__init__(eos_ids, max_new_tokens, batch_size)
         if prefill not in HF_PREFILL:
             raise ValueError(f"prefill={prefill!r} is not one of {', '.join(HF_PREFILL)}")
@@ -177,6 +181,10 @@ class HFGenerator(Generator):
         self._cache_kwarg = cache_kwarg(model)
         unpadded = prefill == "unpadded" and self._cache_kwarg is not None and full_attention_only(model.config)
         self.path = "hf-unpadded-prefill" if unpadded else "hf-generate"
+        self.share_prefix = share_prefix and unpadded
+        self._prefix: SharedPrefix | None = None
+        self.shared_prefix_tokens = 0
+        """Leading tokens of the last `generate` call's prompts prefilled once for all of them (0: none)."""
 
     @classmethod
     def from_pretrained(cls, hf_dir: str, eos_ids: Sequence[int], pad_id: int | None, max_new_tokens: int,
@@ -188,6 +196,16 @@ class HFGenerator(Generator):
         check_hf_model(hf_dir)  # tensors and config.json agree, from the headers: a one-line error otherwise
         model = AutoModelForCausalLM.from_pretrained(hf_dir, dtype=dtype)
         return cls(model.to(device), eos_ids, pad_id, max_new_tokens, batch_size, prefill)
+
+    def generate(self, prompts: Sequence[Sequence[int]], progress: Any = None) -> list[list[int]]:
+        """As `Generator.generate`; the prompts' shared prefix (when sharing) is taken over all of them, so
+        that every batch reuses the same one."""
+        self._prefix, self.shared_prefix_tokens = None, 0
+        if self.share_prefix and prompts and all(prompts):
+            self._prefix = SharedPrefix()
+            with torch.no_grad():
+                self.shared_prefix_tokens = self._prefix.prepare(self.model, prompts, self._cache_kwarg)
+        return super().generate(prompts, progress)
 
     @torch.no_grad()
     def generate_batch(self, prompts: list[list[int]]) -> list[list[int]]:
@@ -209,7 +227,8 @@ class HFGenerator(Generator):
     def _prefill_then_decode(self, prompts: list[list[int]]) -> list[list[int]]:
         eos = set(self.eos_ids)
         lengths = [len(p) for p in prompts]
-        logits, cache, mask = prefill_each(self.model, prompts, self.max_new_tokens, self._cache_kwarg)
+        prefix = self._prefix if self.shared_prefix_tokens else None
+        logits, cache, mask = prefill_each(self.model, prompts, self.max_new_tokens, self._cache_kwarg, prefix)
         first = logits.argmax(-1).tolist()
         generated = [[token] for token in first]
         live = [row for row, token in enumerate(first) if token not in eos and self.max_new_tokens > 1]

@@ -8,7 +8,8 @@ Report JSON (schema_version 1; docs/evaluation.md has the same table)::
     model           object   label, kind (hf | megatron), path, fingerprint, step (int|null),
                              tokenizer, tokenizer_fingerprint
     generation      object   backend, path (hf-unpadded-prefill | hf-generate | mcore-engine |
-                             static-kv-loop | recompute-loop), device, dtype, max_new_tokens, batch_size, greedy (true)
+                             static-kv-loop | recompute-loop), device, dtype, max_new_tokens, batch_size, greedy (true),
+                             shared_prefix_tokens (hf: leading prompt tokens prefilled once for all; optional)
     config          object   eval: the eval section; prompt: the data-section fields that render prompts
     machine         object   platform, python, cpu_count, gpus (list of str)
     versions        object   megatron_solopo, torch, transformers, megatron_core, cuda (str|null)

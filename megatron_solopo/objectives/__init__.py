@@ -12,6 +12,7 @@ from megatron_solopo.objectives import builtin as _builtin  # noqa: F401  (regis
 from megatron_solopo.objectives.builtin import orpo_clamp_eps, orpo_log_odds
 from megatron_solopo.objectives.config import (
     MODES,
+    PO_TERM_SEQUENCES,
     SEQUENCES,
     ObjectiveConfig,
     logps_key,
@@ -55,6 +56,7 @@ __all__ = [
     "ObjectiveConfig",
     "MODES",
     "SEQUENCES",
+    "PO_TERM_SEQUENCES",
     "required_sequences",
     "required_reference_sequences",
     "required_batch_keys",

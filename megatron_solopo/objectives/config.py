@@ -50,6 +50,8 @@ __all__ = [
 SHORT_CHOSEN, SHORT_REJECTED = "short_chosen", "short_rejected"
 LONG_CHOSEN, LONG_REJECTED = "long_chosen", "long_rejected"
 SEQUENCES = (SHORT_CHOSEN, SHORT_REJECTED, LONG_CHOSEN, LONG_REJECTED)
+PO_TERM_SEQUENCES = (SHORT_CHOSEN, SHORT_REJECTED)
+"""The sequences solo mode's preference term L_PO(x_short; y_w, y_l) reads (the RA term adds the long ones)."""
 TOKEN_KEYS = ("chosen_tokens", "rejected_tokens")
 
 MODES = {

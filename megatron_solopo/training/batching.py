@@ -43,6 +43,7 @@ import torch
 from megatron_solopo.model.config import ModelConfig
 from megatron_solopo.model.logprobs import ResponseRows
 from megatron_solopo.objectives import (
+    PO_TERM_SEQUENCES,
     SEQUENCES,
     ObjectiveConfig,
     logps_key,
@@ -405,6 +406,14 @@ class Collator:
         roles = sequence_roles(objective)
         reference_roles = tuple(role for role in SEQUENCES if role in required_reference_sequences(objective))
         return self._split(samples, roles, reference_roles, allow_partial=False)
+
+    def po_term_microbatches(self, samples: Sequence[Mapping], objective: ObjectiveConfig) -> list[MicroBatch]:
+        """Like `microbatches`, with only the sequences solo mode's PO term reads (x_short chosen and
+        rejected, and their reference log-probs): the RA gradient share's PO-only pass
+        (`step.train_step(po_microbatches=...)`) then skips the long sequences, whose gradient it does not need."""
+        references = required_reference_sequences(objective)
+        reference_roles = tuple(role for role in PO_TERM_SEQUENCES if role in references)
+        return self._split(samples, PO_TERM_SEQUENCES, reference_roles, allow_partial=False)
 
     def scoring_microbatches(self, samples: Sequence[Mapping], roles: Sequence[str]) -> list[MicroBatch]:
         """Micro-batches for `step.forward_only` (reference precompute, evaluation): the given roles only.

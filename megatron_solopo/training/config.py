@@ -103,8 +103,8 @@ class TrainConfig:
     """Mode solo only (the other modes have no SoLo-RA term): at every logged step, measure how much of
     the gradient comes from the SoLo-RA term (diag/ra_grad_share = ||g_RA|| / ||g||, diag/ra_po_grad_ratio
     = ||g_RA|| / ||g_PO||, diag/grad_cos_ra_po; docs/training.md "Diagnostics"). Costs one extra forward
-    and backward of the step's micro-batches (the loss without its RA term) and a host-memory copy of
-    this rank's gradient, at logged steps only; the update itself is unchanged (same gradient, same RNG
+    and backward of the step's x_short sequences (the loss without its RA term, which reads nothing
+    else) and a host-memory copy of this rank's gradient, at logged steps only; the update itself is unchanged (same gradient, same RNG
     draws) and the extra seconds are left out of step_time_s (logged as diag/extra_time_s). Skipped, with
     a warning, under fp16 loss scaling."""
     heldout_pairs: int = 0

@@ -8,8 +8,8 @@ Three pieces, from cheap to costly:
   the chosen response's gap short - long, and the "push" of each loss term on each mean log-prob,
   push = -dl/d(mean logp) per pair (positive: gradient descent raises that log-prob). No model pass.
 - `po_term_loss` + `capture_gradient` + `gradient_split` (solo mode, logged steps, train.ra_grad_share):
-  one extra forward/backward with the loss minus its RA term gives g_PO; the step's own gradient is
-  g = g_PO + g_RA. Norms are taken over the optimizer's own gradient list
+  one extra forward/backward of the x_short sequences with the loss minus its RA term gives g_PO; the
+  step's own gradient is g = g_PO + g_RA. Norms are taken over the optimizer's own gradient list
   (`get_grads_for_grad_norm`: TP duplicates and shared embeddings counted once, the distributed
   optimizer's shards) reduced over its own group (`get_grad_stats_parallel_group`), which is how
   Megatron computes the step's grad_norm: the same numbers under every TP/PP/CP/DP layout.
@@ -29,7 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.distributed as dist
 
-from megatron_solopo.objectives import SEQUENCES, ObjectiveConfig, logps_key, objective_loss, sequence_stats
+from megatron_solopo.objectives import (PO_TERM_SEQUENCES, SEQUENCES, ObjectiveConfig, logps_key, objective_loss,
+                                        sequence_stats)
 from megatron_solopo.objectives.losses import resolved_preference_loss
 from megatron_solopo.parallel.device import compute_device
 
@@ -72,9 +73,9 @@ def _tokens_of(role: str, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
 def po_term_loss(objective: ObjectiveConfig, stats: Mapping[str, torch.Tensor]) -> torch.Tensor:
     """Solo mode's loss without its SoLo-RA term, summed over the pairs: L_PO(x_short; y_w, y_l) plus
     the optional SFT term, the same function of the same inputs as inside `solopo_loss`."""
-    loss, _ = resolved_preference_loss(
-        objective.name, sequence_stats(stats, "short_chosen"), sequence_stats(stats, "short_rejected"),
-        reduction="sum", hparams=objective.resolved_hparams)
+    chosen, rejected = (sequence_stats(stats, role) for role in PO_TERM_SEQUENCES)
+    loss, _ = resolved_preference_loss(objective.name, chosen, rejected, reduction="sum",
+                                       hparams=objective.resolved_hparams)
     return loss
 
 

@@ -85,10 +85,13 @@ def _guarded_step(run: Run, step: int, guard: DivergenceGuard):
     samples = _step_samples(run)
     measure_share = train.ra_grad_share and (step % train.log_every == 0 or step == run.total_steps)
     microbatches = run.collator.microbatches(samples, run.config.objective)
+    solo_share = measure_share and run.config.objective.mode == "solo"
+    po_microbatches = run.collator.po_term_microbatches(samples, run.config.objective) if solo_share else None
     try:
         result = train_step(run.chunks, run.optimizer, run.scheduler, microbatches, run.config.objective,
                             run.collator.parallel, step, head=run.config.model.logprob_head,
-                            diagnostics=train.diagnostics, ra_grad_share=measure_share)
+                            diagnostics=train.diagnostics, ra_grad_share=measure_share,
+                            po_microbatches=po_microbatches)
     except (NonFiniteLossError, NonFiniteGradError) as err:
         raise guard.step_failed(step, err, run.checkpoint) from err
     guard.check_update(step, [str(sample.get("id", "?")) for sample in samples], run.checkpoint)

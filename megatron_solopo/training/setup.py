@@ -74,7 +74,8 @@ class Run:
         if train.ra_grad_share and self.config.objective.mode == "solo":
             why = grad_share_unsupported(self.optimizer)
             text += (f"; warning: train.ra_grad_share is skipped: {why}" if why else
-                     "; RA gradient share measured at logged steps (one extra forward/backward each)")
+                     "; RA gradient share measured at logged steps (one extra forward/backward of the x_short "
+                     "sequences each)")
         return text
 
 

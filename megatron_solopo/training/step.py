@@ -15,7 +15,8 @@ API (what the run loop calls)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective_cfg, parallel, step_index)
     result.loss, result.metrics, result.grad_norm, result.lr, result.num_pairs, result.num_tokens
     # diagnostics=True adds diag/* (mean log-probs, pushes); ra_grad_share=True (solo) the RA gradient share
-    # through one extra forward/backward (training/diagnostics.py); the update is the same either way
+    # through one extra forward/backward of the PO term's sequences (po_microbatches:
+    # collator.po_term_microbatches; training/diagnostics.py); the update is the same either way
 
     # reference precompute / eval: score any roles, no gradients
     scoring = collator.scoring_microbatches(samples, reference_roles)
@@ -347,7 +348,7 @@ def _normalize(totals: dict[str, float]) -> tuple[float, dict[str, float], dict[
 def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[MicroBatch],
                objective: ObjectiveConfig, parallel: ParallelContext, step_index: int,
                head: LogprobHeadConfig | None = None, *, diagnostics: bool = False,
-               ra_grad_share: bool = False) -> StepResult:
+               ra_grad_share: bool = False, po_microbatches: list[MicroBatch] | None = None) -> StepResult:
     """One optimizer step over this rank's micro-batches through Megatron's pipeline schedule.
 
     model_chunks: from optim.wrap_ddp (DDP-wrapped GPTModel chunks); optimizer/scheduler from
@@ -358,10 +359,12 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
     number of micro-batches per pipeline.
 
     diagnostics: also report the diag/* values of training/diagnostics.py (free: from the step's sums).
-    ra_grad_share (solo mode): first run the step's micro-batches once more with the loss minus its RA
-    term, keep that gradient g_PO on the host, then take the real step and report ||g_RA|| = ||g - g_PO||
-    and the ratios (diagnostics.gradient_split). The real step starts from the same RNG states and
-    parameters, so its gradient and update are those of a step without the measurement.
+    ra_grad_share (solo mode): first run the loss minus its RA term over `po_microbatches` (the same pairs
+    with only the sequences that term reads: `Collator.po_term_microbatches`; None: the step's own
+    micro-batches, whose long sequences then cost a forward/backward without adding gradient), keep that
+    gradient g_PO on the host, then take the real step and report ||g_RA|| = ||g - g_PO|| and the ratios
+    (diagnostics.gradient_split). The real step starts from the same RNG states and parameters, so its
+    gradient and update are those of a step without the measurement.
     """
     parallel = _check_setup(model_chunks, microbatches, parallel, "train_step")
     config = _unwrap(model_chunks[0]).config
@@ -372,7 +375,7 @@ def train_step(model_chunks: list, optimizer, scheduler, microbatches: list[Micr
     diagnostic_seconds, po_grads = 0.0, None
     if ra_grad_share and objective.mode == "solo" and grad_share_unsupported(optimizer) is None:
         started = time.perf_counter()
-        po_grads = _po_gradient(model_chunks, optimizer, microbatches, objective, parallel, head)
+        po_grads = _po_gradient(model_chunks, optimizer, po_microbatches or microbatches, objective, parallel, head)
         diagnostic_seconds += time.perf_counter() - started
     _zero_grads(model_chunks, optimizer)
     forward_step_func, state = make_forward_step(objective, parallel, head, diagnostics=diagnostics)

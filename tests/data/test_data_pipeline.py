@@ -91,6 +91,62 @@ def test_in_place_decoding_matches_the_padded_path_when_rows_stop_early(varied_m
     assert 1 <= len(expected[0][0]) < 10 and any(len(r) == 10 for rows in expected for r in rows)
 
 
+def test_calls_decoded_together_draw_what_they_draw_alone(varied_model_dir, monkeypatch, tmp_path):
+    """Several generate calls in one batch (HFBackend.calls_per_batch): each call samples from its own seeded
+    generator over its own rows, dropping its finished rows as it would alone, so its tokens are those of
+    the call decoded alone, on the in-place path (prompt cache shared or repeated) and the padded one, with
+    rows stopping early; sample_responses writes the same samples for any calls_per_batch."""
+    import types
+
+    import torch
+
+    backend = HFBackend(varied_model_dir, device="cpu", dtype="fp32", batch_size=4)
+    texts = ["Who wrote The Lantern of Orsel?", "Document [1] (Title: Maren Kol) Maren Kol was born in Port Dria.",
+             "In what year was the organization that employs the author of The Tide of Brask founded?", "hi"]
+    prompts = [backend.tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    calls = [prompts[:2], prompts[2:3], prompts[3:]]
+    free = [row for c, call in enumerate(calls)
+            for rows in backend.sample_token_ids(call, 3, 1.0, 1.0, 10, torch.Generator().manual_seed(10 + c))
+            for row in rows]
+    # an 'EOS' that some rows draw after >= 1 token and others never do: rows stop at different steps
+    eos = next(t for row in free for t in row[1:] if any(t not in other for other in free))
+    monkeypatch.setattr(backend, "tokenizer", types.SimpleNamespace(eos_token_id=eos))
+
+    def alone_and_together():
+        alone = [backend.sample_token_ids(call, 3, 1.0, 1.0, 10, torch.Generator().manual_seed(10 + c))
+                 for c, call in enumerate(calls)]
+        together = backend.sample_call_token_ids(calls, 3, 1.0, 1.0, 10,
+                                                 [torch.Generator().manual_seed(10 + c) for c in range(3)])
+        return alone, together
+
+    monkeypatch.setattr(sampling, "SHARED_PROMPT_MIN_TOKENS", 1)  # the shared prompt cache
+    results = [alone_and_together()]
+    monkeypatch.setattr(backend, "share_prompt_cache", False)  # the prompt rows repeated per response
+    results.append(alone_and_together())
+    monkeypatch.setattr(backend, "_cache_kwarg", None)  # the padded path
+    results.append(alone_and_together())
+    for alone, together in results:
+        assert together == alone
+    lengths = [len(r) for call in results[0][0] for rows in call for r in rows]
+    assert min(lengths) < 10 and max(lengths) == 10  # rows stopped at different steps
+    assert results[0][0][0] != results[0][0][1][:2]  # the calls' draws differ
+
+    monkeypatch.undo()
+    settings = _settings(n=2)
+    requests = [SamplingRequest(f"q{i}", f"Question number {i}: who wrote the book?") for i in range(5)]
+    outputs = {}
+    for calls_per_batch in (1, 3):
+        monkeypatch.setattr(backend, "calls_per_batch", calls_per_batch)
+        calls_seen = []
+        outputs[calls_per_batch] = sample_responses(requests, backend, settings, tmp_path / f"s{calls_per_batch}.jsonl",
+                                                    progress=False, on_call=calls_seen.append)
+        assert calls_seen == [2, 2, 1]  # requests_per_call = 4 // 2, whatever the batching
+    assert outputs[1] == outputs[3]
+    assert (tmp_path / "s1.jsonl").read_bytes() == (tmp_path / "s3.jsonl").read_bytes()
+    with pytest.raises(ValueError, match="sampling_calls_per_batch must be >= 1"):
+        HFBackend(varied_model_dir, device="cpu", dtype="fp32", calls_per_batch=0)
+
+
 def test_top_p_keeps_the_smallest_nucleus():
     import torch
 

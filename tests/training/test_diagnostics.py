@@ -284,7 +284,8 @@ def test_logged_diagnostics_match_a_plain_recomputation(runs, name):
     assert [r["step"] for r in records] == [s["step"] for s in run["steps"]] == list(range(1, len(records) + 1))
     compared = 0
     for record, step in zip(records, run["steps"]):
-        assert step["kwargs"] == {"diagnostics": True, "ra_grad_share": True}  # log_every 1: every step measures
+        # log_every 1: every step measures, its PO-only pass on the x_short sequences alone
+        assert step["kwargs"] == {"diagnostics": True, "ra_grad_share": True, "po_microbatches": True}
         # |r_short - r_long| has a kink at 0, where DPO/IPO start (policy == reference): its gradient there is
         # 0 for the trainer and +-alpha for a recomputation off by 1e-7, so only the smooth values compare
         at_kink = record["ra/distance"] < 1e-5
@@ -354,11 +355,13 @@ def test_run_summary_and_tensorboard_hold_the_diagnostics(runs):
 
 
 # ------------------------------------------------------------------------------------------ layouts
-def _layout_share(samples, tp, distributed_optimizer=False):
+def _layout_share(samples, tp, distributed_optimizer=False, po_term_only=True):
+    """po_term_only: the PO-only pass reads the x_short sequences alone (Collator.po_term_microbatches, as the
+    run loop does); False: the step's own micro-batches (the long chosen sequence adds cost, not gradient)."""
     from step_helpers import build_layout, data_parallel_share
 
     from megatron_solopo.objectives import ObjectiveConfig
-    from megatron_solopo.training.batching import collate_microbatches
+    from megatron_solopo.training.batching import Collator
     from megatron_solopo.training.config import TrainConfig
     from megatron_solopo.training.optim import build_training_objects
     from megatron_solopo.training.step import train_step
@@ -367,9 +370,14 @@ def _layout_share(samples, tp, distributed_optimizer=False):
     parallel, chunks = build_layout(tp, 1, 1, "sdpa")
     train = TrainConfig(lr=1e-3, distributed_optimizer=distributed_optimizer)
     chunks, optimizer, scheduler = build_training_objects(chunks, train, total_steps=2)
-    microbatches = collate_microbatches(data_parallel_share(samples), objective, parallel, "packed", 1)
+    collator = Collator(parallel, "packed", 1)
+    share = data_parallel_share(samples)
+    microbatches = collator.microbatches(share, objective)
+    po_microbatches = collator.po_term_microbatches(share, objective) if po_term_only else None
+    if po_term_only:
+        assert [mb.roles for mb in po_microbatches] == [("short_chosen", "short_rejected")] * len(microbatches)
     result = train_step(chunks, optimizer, scheduler, microbatches, objective, parallel, step_index=1,
-                        diagnostics=True, ra_grad_share=True)
+                        diagnostics=True, ra_grad_share=True, po_microbatches=po_microbatches)
     return {key: value for key, value in result.metrics.items() if key.startswith("diag/")} | \
         {"grad_norm": result.grad_norm}
 
@@ -380,7 +388,7 @@ def _layout_worker(rank: int, world_size: int):
     from megatron_solopo.objectives import ObjectiveConfig
 
     samples = make_samples(4, seed=7)
-    out = {"dp2": _layout_share(samples, tp=1), "tp2": _layout_share(samples, tp=2),
+    out = {"dp2": _layout_share(samples, tp=1), "tp2": _layout_share(samples, tp=2, po_term_only=False),
            "dp2_distopt": _layout_share(samples, tp=1, distributed_optimizer=True)}
     # the reference: plain autograd on one unwrapped TP=1 model over all pairs (no schedule, DDP, optimizer)
     _, chunks = build_layout(1, 1, 1, "sdpa")
