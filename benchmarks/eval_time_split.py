@@ -15,7 +15,6 @@ system prompt, worked examples), the part a prefix cache would prefill once.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -26,6 +25,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_solopo.bench.report import print_and_save_json  # noqa: E402
 from megatron_solopo.config import load_config  # noqa: E402
 from megatron_solopo.eval import generation  # noqa: E402
 from megatron_solopo.eval.evaluate import ModelSource, evaluate  # noqa: E402
@@ -73,10 +73,7 @@ def main() -> int:
     split.update(threads=torch.get_num_threads(), timing=report["timing"],
                  shared_prefix_tokens=shared_prefix_tokens(prompts_seen) if prompts_seen else 0,
                  mean_prompt_tokens=round(split["prefill_tokens"] / max(len(prompts_seen), 1), 1))
-    text = json.dumps(split, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_and_save_json(split, args.out)
     return 0
 
 

@@ -16,7 +16,6 @@ On the prompts of a real eval config (`--items` questions per cell), with the co
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -25,6 +24,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from megatron_solopo.bench.report import print_and_save_json  # noqa: E402
 from megatron_solopo.config import load_config  # noqa: E402
 from megatron_solopo.data.contexts import ContextTemplates, config_prompt_examples  # noqa: E402
 from megatron_solopo.data.kv_cache import SharedPrefix, cache_kwarg, prefill_each  # noqa: E402
@@ -119,10 +119,7 @@ def main() -> int:
     short = [p for p, suite in zip(prompts, suites) if suite.endswith("_short")][:args.sampling_prompts]
     if short:
         result["sampling_x_short"] = sampling_side_by_side(config, short, args.responses, args.temperature, seed=0)
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
+    print_and_save_json(result, args.out)
     return 0
 
 

@@ -63,6 +63,14 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
     os.replace(tmp, path)
 
 
+def print_and_save_json(result: Mapping[str, Any], out: str | os.PathLike | None) -> None:
+    """A benchmark script's figures: printed as indented JSON, and written to `out` when given."""
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        pathlib.Path(out).write_text(text + "\n", encoding="utf-8")
+
+
 def _fmt(value: Any, digits: int = 3) -> str:
     if value is None:
         return "-"
