@@ -214,9 +214,10 @@ class SharedPrefix:
     Prompts of an eval suite or a sampling run share their first few hundred tokens (chat template, system
     prompt, worked example, instruction): 30% of the eval's prompt tokens and 61% of x_short sampling
     prompts' in the RULER experiment. The prefix kept is the longest that the prompts seen so far all start
-    with (it only shrinks, by slicing: a causal model's keys/values of a prefix do not depend on what
-    follows), cut so that every prompt keeps at least one token to prefill (its next-token logits), and
-    used when it is at least `min_tokens` long. `prefilled_tokens` counts the prefix's own prefills.
+    with (shortened by slicing, as later prompts share less of it: a causal model's keys/values of a prefix
+    do not depend on what follows), cut so that every prompt keeps at least one token to prefill (its
+    next-token logits), and used when it is at least `min_tokens` long; prompts that share fewer of its
+    tokens get a prefix of their own. `prefilled_tokens` counts the prefix's own prefills.
     """
 
     def __init__(self, min_tokens: int = SHARED_PREFIX_MIN_TOKENS) -> None:
